@@ -1,0 +1,1 @@
+"""Featurize: region detector, object tags, text scene graphs, detector training on the demo world."""

@@ -1,0 +1,1 @@
+"""Corpus pipeline: URL lists, crawl, filters, dedup, shard writing, Beam entry points."""

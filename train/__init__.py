@@ -1,0 +1,1 @@
+"""Train: data loading, tokenizer, masking, model blocks, recipes, scaling, trainer, eval."""

@@ -1,0 +1,48 @@
+"""The `vlforge` console script: one subcommand per stage, each registered by its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vlforge.errors import UserError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; a user asked for one clear line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"vlforge: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="vlforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    from vlforge.world import cli as world_cli
+
+    world_cli.add_parser(sub)
+    from vlforge.pipeline import cli as corpus_cli
+
+    corpus_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra_args = extra
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        sys.stderr.write(f"vlforge: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("vlforge: interrupted; finished chunks are kept, rerun to resume\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
