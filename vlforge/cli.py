@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
+import os
 import sys
 
 from vlforge.errors import UserError
+
+
+# Each stage registers its own subcommand; adding a stage is one line here.
+STAGE_CLIS = (
+    # "vlforge.world.cli",
+    "vlforge.pipeline.cli",
+    # "vlforge.demo",
+)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -19,16 +30,19 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="vlforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
-    from vlforge.world import cli as world_cli
-
-    world_cli.add_parser(sub)
-    from vlforge.pipeline import cli as corpus_cli
-
-    corpus_cli.add_parser(sub)
+    for module in STAGE_CLIS:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
+def _quiet_libraries() -> None:
+    # Beam and albumentations print import-time warnings that drown the one line a user needs.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    logging.basicConfig(level=logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_extra_args", False):

@@ -1,0 +1,50 @@
+"""Beam pipeline options from the CLI: our --workers for DirectRunner, Beam's own flags passed through."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+)
+
+from vlforge.errors import UserError
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    seen: set[type] = set()
+    stack = list(PipelineOptions.__subclasses__())
+    while stack:  # every options class Beam knows (Dataflow, Flink, Spark, portable, ...)
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        stack.extend(cls.__subclasses__())
+        with contextlib.suppress(argparse.ArgumentError):  # a flag two classes both declare
+            cls._add_argparse_args(parser)
+    return parser
+
+
+def build_options(beam_args: list[str], workers: int) -> PipelineOptions:
+    """Reject flags Beam does not know (Beam itself would silently drop them)."""
+    _known, unknown = _beam_parser().parse_known_args(beam_args)
+    if unknown:
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)}")
+    options = PipelineOptions(beam_args)
+    runner = options.view_as(StandardOptions).runner
+    if runner in (None, "DirectRunner", "direct"):
+        direct = options.view_as(DirectOptions)
+        direct.direct_num_workers = max(1, workers)
+        direct.direct_running_mode = "multi_processing" if workers > 1 else "in_memory"
+    return options
+
+
+def is_local(options: PipelineOptions) -> bool:
+    """True when DoFns run inside this process, so they can drive our progress bar."""
+    runner = options.view_as(StandardOptions).runner
+    mode = options.view_as(DirectOptions).direct_running_mode
+    return runner in (None, "DirectRunner", "direct") and mode in ("in_memory", "multi_threading")

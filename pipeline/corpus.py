@@ -1,0 +1,251 @@
+"""`vlforge corpus`: URL lists → crawled, filtered, deduplicated WebDataset shards, on Beam.
+
+The flow (each step a small transform in its own module):
+  read lists → normalize + chunk (work_plan) → CrawlChunk (fetch, check, resize, filter; one
+  checkpoint per chunk) → MarkExactDuplicates(image) → MarkNearDuplicates(phash) →
+  MarkExactDuplicates(caption) → AssignShards → WriteShard → stats.parquet, manifest.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from vlforge import __version__
+from vlforge.errors import UserError
+from vlforge.pipeline import progress, storage
+from vlforge.pipeline.beam_options import build_options, is_local
+from vlforge.pipeline.crawl_stage import CrawlChunk, CrawlSettings
+from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates
+from vlforge.pipeline.filters import caption_key
+from vlforge.pipeline.funnel import funnel_counts
+from vlforge.pipeline.input_lists import read_rows
+from vlforge.pipeline.shard_writer import AssignShards, WriteShard
+from vlforge.pipeline.work_plan import WorkPlan, normalize_rows, prepare
+
+STATS_COLUMNS = [
+    ("row_id", pa.int64()),
+    ("key", pa.string()),
+    ("url", pa.string()),
+    ("status", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("http_status", pa.int32()),
+    ("attempts", pa.int32()),
+    ("shard", pa.string()),
+    ("caption", pa.string()),
+    ("source", pa.string()),
+    ("language", pa.string()),
+    ("language_score", pa.float32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("sha256", pa.string()),
+    ("phash", pa.string()),
+    ("fetch_ms", pa.float32()),
+]
+STATS_SCHEMA = pa.schema(STATS_COLUMNS)
+
+
+@dataclass
+class CorpusConfig:
+    urls: str
+    out: str
+    url_col: str = "url"
+    caption_col: str = "caption"
+    prefix: str = "corpus"
+    shard_size: int = 10_000
+    chunk_size: int = 1_000
+    workers: int = 1
+    crawl: CrawlSettings = field(default_factory=CrawlSettings)
+    overwrite: bool = False
+    beam_args: list[str] = field(default_factory=list)
+    show_progress: bool = True
+
+
+def _write_stats(records: list[dict], path: str) -> int:
+    records = sorted(records, key=lambda r: r["row_id"])
+    columns = {name: [r.get(name) for r in records] for name, _ in STATS_COLUMNS}
+    storage.write_parquet(path, pa.table(columns, schema=STATS_SCHEMA))
+    return len(records)
+
+
+def build_pipeline(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig, spread: bool):
+    filters = config.crawl.filters
+    chunks = pipeline | "Chunks" >> beam.Create(list(range(plan.n_chunks)))
+    if spread:  # lets other runners and multi-process workers split the chunks among workers
+        chunks = chunks | "Spread" >> beam.Reshuffle()
+    records = chunks | "Crawl" >> beam.ParDo(CrawlChunk(plan, config.crawl))
+    if filters.dedup_images:
+        records = records | MarkExactDuplicates(lambda r: r["sha256"], "duplicate_image")
+    if filters.dedup_near_images:
+        records = records | MarkNearDuplicates(filters.phash_max_distance)
+    if filters.dedup_captions:
+        records = records | MarkExactDuplicates(
+            lambda r: caption_key(r["caption"]), "duplicate_caption"
+        )
+    kept, rest = records | "KeptOrNot" >> beam.Partition(
+        lambda r, _n: 0 if r["status"] == "ok" else 1, 2
+    )
+    numbered = kept | "AssignShards" >> AssignShards(config.shard_size, config.prefix)
+    written = (
+        numbered
+        | "GroupShard" >> beam.GroupByKey()
+        | "WriteShard" >> beam.ParDo(WriteShard(plan, config.prefix))
+    )
+    stats_path = storage.join(config.out, "stats.parquet")
+    _ = (
+        (numbered | "Records" >> beam.Values(), rest)
+        | "All" >> beam.Flatten()
+        | "StatsList" >> beam.combiners.ToList()
+        | "WriteStats" >> beam.Map(_write_stats, stats_path)
+    )
+    shards_path = storage.join(plan.work_dir, "shards.json")
+    _ = (
+        written
+        | "ShardList" >> beam.combiners.ToList()
+        | "WriteShardList" >> beam.Map(lambda shards: storage.write_json(shards_path, shards))
+    )
+
+
+class _Progress:
+    """A tqdm bar fed by in-process DoFns, or by counting chunk checkpoints for remote workers."""
+
+    def __init__(self, plan: WorkPlan, local: bool, enabled: bool):
+        self.plan = plan
+        self.bar = tqdm(
+            total=plan.n_rows, unit="row", desc="crawl", disable=not enabled, mininterval=0.5
+        )
+        self.local = local
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Progress:
+        if self.local:
+            progress.set_listener(self.bar.update)
+        else:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):
+            done = min(self.plan.n_rows, len(self.plan.done_chunks()) * self.plan.chunk_size)
+            self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *_: object) -> None:
+        progress.set_listener(None)
+        self._stop.set()
+        self.bar.close()
+
+
+def run_corpus(config: CorpusConfig) -> dict:
+    """Run the whole corpus stage; returns the manifest it wrote."""
+    started = time.time()
+    options = build_options(config.beam_args, config.workers)
+    if config.shard_size < 1 or config.chunk_size < 1:
+        raise UserError("--shard-size and --chunk-size must be positive")
+    rows = normalize_rows(read_rows(config.urls, config.url_col, config.caption_col))
+    if rows.num_rows == 0:
+        raise UserError(f"{config.urls}: the list has no rows")
+    storage.makedirs(config.out)
+    settings = {
+        "fetch": asdict(config.crawl.fetch),
+        "resize": asdict(config.crawl.resize),
+        "filters": asdict(config.crawl.filters),
+    }
+    plan = prepare(config.out, rows, config.chunk_size, settings, config.overwrite)
+    done_before = plan.done_chunks()
+    planned = time.time()
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
+    local = is_local(options)
+    with _Progress(plan, local, config.show_progress):
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, plan, config, spread=not local)
+        result = pipeline.result
+    finished = time.time()
+    shards = storage.read_json(storage.join(plan.work_dir, "shards.json"))
+    _remove_stale_shards(config, {s["shard"] for s in shards})
+    stats = storage.read_parquet(storage.join(config.out, "stats.parquet"))
+    manifest = _manifest(config, plan, stats, shards, result, len(done_before))
+    manifest["timings"] = {
+        "plan_s": round(planned - started, 3),
+        "pipeline_s": round(finished - planned, 3),
+        "total_s": round(time.time() - started, 3),
+    }
+    storage.write_json(storage.join(config.out, "manifest.json"), manifest)
+    return manifest
+
+
+def _remove_stale_shards(config: CorpusConfig, current: set[str]) -> None:
+    """A rerun may write fewer shards than before; leftovers would double-count samples."""
+    for suffix in (".tar", ".parquet"):
+        for path in storage.glob(storage.join(config.out, f"{config.prefix}-*{suffix}")):
+            name = path.rsplit("/", 1)[-1][: -len(suffix)]
+            if name not in current:
+                storage.delete([path])
+
+
+def _counter_values(result) -> dict[str, int]:
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception:  # some runners report no metrics
+        return {}
+    out: dict[str, int] = {}
+    for counter in counters:
+        name = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
+        out[name] = out.get(name, 0) + int(counter.committed or counter.attempted or 0)
+    return dict(sorted(out.items()))
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"vlforge": __version__, "python": platform.python_version()}
+    for dist in ("apache-beam", "webdataset", "img2dataset", "pyarrow", "imagehash", "py3langid"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = "missing"
+    return versions
+
+
+def _manifest(config, plan, stats: pa.Table, shards, result, reused_chunks: int) -> dict:
+    by_status = stats.group_by("status").aggregate([("row_id", "count")]).to_pylist()
+    by_reason = stats.group_by(["status", "reason"]).aggregate([("row_id", "count")]).to_pylist()
+    counters = _counter_values(result)
+    return {
+        "stage": "corpus",
+        "config": {
+            **{k: v for k, v in asdict(config).items() if k not in ("crawl",)},
+            "crawl": asdict(config.crawl),
+        },
+        "versions": _versions(),
+        "machine": {"platform": platform.platform(), "cpus": _cpu_count()},
+        "rows": stats.num_rows,
+        "chunks": {"total": plan.n_chunks, "reused": reused_chunks},
+        "http_requests": counters.get("crawl/http_requests", 0),
+        "status_counts": {r["status"]: r["row_id_count"] for r in by_status},
+        "reason_counts": {
+            f"{r['status']}:{r['reason'] or '-'}": r["row_id_count"] for r in by_reason
+        },
+        "funnel": funnel_counts(stats),
+        "shards": sorted(shards, key=lambda s: s["shard"]),
+        "samples": int(pc.sum(pc.equal(stats.column("status"), "ok")).as_py() or 0),
+        "beam_counters": counters,
+    }
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 1

@@ -1,0 +1,176 @@
+"""Beam stage: crawl one chunk of rows (fetch, check, resize, filter) and checkpoint it.
+
+One DoFn call handles a whole chunk with a bounded thread pool, because the network step is
+checkpointed per chunk: a chunk's results are written (atomically) before anything downstream
+sees them, so an interrupted run loses at most the chunks in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+
+from vlforge.pipeline import progress, storage
+from vlforge.pipeline.fetch import FetchConfig, Fetcher, is_retryable
+from vlforge.pipeline.filters import CaptionFilter, FilterConfig, image_reason
+from vlforge.pipeline.image_processing import ImageProcessor, ResizeConfig
+from vlforge.pipeline.work_plan import WorkPlan
+
+# Columns of a fetched checkpoint; `jpg` is only set for rows that passed.
+CHECKPOINT_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.int64()),
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("extra", pa.string()),
+        ("source", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("http_status", pa.int32()),
+        ("attempts", pa.int32()),
+        ("final_url", pa.string()),
+        ("language", pa.string()),
+        ("language_score", pa.float32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sha256", pa.string()),
+        ("phash", pa.string()),
+        ("fetch_ms", pa.float32()),
+        ("jpg", pa.binary()),
+    ]
+)
+RECORD_FIELDS = [f.name for f in CHECKPOINT_SCHEMA if f.name not in ("jpg", "extra")]
+
+
+@dataclass(frozen=True)
+class CrawlSettings:
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    resize: ResizeConfig = field(default_factory=ResizeConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    threads: int = 32
+    retry_failed: bool = False
+
+
+def _empty_row(row: dict) -> dict:
+    out = {name: None for name in CHECKPOINT_SCHEMA.names}
+    out.update({k: row[k] for k in ("row_id", "key", "url", "caption", "extra", "source")})
+    out.update(status="ok", reason="", detail="", http_status=0, attempts=0, final_url="")
+    return out
+
+
+class CrawlChunk(beam.DoFn):
+    """chunk id → one metadata record per row (without image bytes)."""
+
+    def __init__(self, plan: WorkPlan, settings: CrawlSettings):
+        self.plan = plan
+        self.settings = settings
+        self.rows_counter = Metrics.counter("crawl", "rows")
+        self.requests_counter = Metrics.counter("crawl", "http_requests")
+        self.chunks_fetched = Metrics.counter("crawl", "chunks_fetched")
+        self.chunks_reused = Metrics.counter("crawl", "chunks_reused")
+
+    def setup(self) -> None:
+        # Built once per worker: connection limits and robots caches are per worker, as are models.
+        self.fetcher = Fetcher(self.settings.fetch)
+        self.processor = ImageProcessor(self.settings.resize)
+        self.caption_filter = CaptionFilter(self.settings.filters)
+
+    def process(self, chunk: int):
+        path = self.plan.fetched_path(chunk)
+        if storage.exists(path):
+            table = storage.read_parquet(path)
+            if self.settings.retry_failed:
+                table = self._retry(chunk, table)
+            else:
+                self.chunks_reused.inc()
+            progress.advance(table.num_rows)
+        else:
+            rows = storage.read_parquet(self.plan.input_path(chunk)).to_pylist()
+            results = self._crawl_rows(rows)
+            table = pa.Table.from_pylist(results, schema=CHECKPOINT_SCHEMA)
+            storage.write_parquet(path, table)
+            self.chunks_fetched.inc()
+        for record in table.select(RECORD_FIELDS).to_pylist():
+            Metrics.counter("status", f"{record['status']}:{record['reason']}").inc()
+            record["chunk"] = chunk
+            yield record
+
+    def _retry(self, chunk: int, table: pa.Table) -> pa.Table:
+        rows = table.to_pylist()
+        again = [
+            i for i, r in enumerate(rows) if r["status"] == "failed" and is_retryable(r["reason"])
+        ]
+        if not again:
+            self.chunks_reused.inc()
+            return table
+        redone = self._crawl_rows([rows[i] for i in again])
+        for i, new in zip(again, redone, strict=True):
+            rows[i] = new
+        table = pa.Table.from_pylist(rows, schema=CHECKPOINT_SCHEMA)
+        storage.write_parquet(self.plan.fetched_path(chunk), table)
+        self.chunks_fetched.inc()
+        return table
+
+    def _crawl_rows(self, rows: list[dict]) -> list[dict]:
+        with ThreadPoolExecutor(max_workers=self.settings.threads) as pool:
+            results = list(pool.map(self._crawl_row, rows))
+        # Beam metrics belong to the bundle's thread: increments from pool threads would be lost.
+        self.rows_counter.inc(len(results))
+        self.requests_counter.inc(sum(r["attempts"] or 0 for r in results))
+        return results
+
+    def _crawl_row(self, row: dict) -> dict:
+        out = _empty_row(row)
+        try:
+            self._fill(row, out)
+        finally:
+            progress.advance(1)
+        return out
+
+    def _fill(self, row: dict, out: dict) -> None:
+        dup_of = row.get("dup_of")
+        if dup_of is not None and dup_of >= 0:  # repeated URL: decided before any request
+            out.update(status="duplicate", reason="duplicate_url", detail=f"row {dup_of}")
+            return
+        verdict = self.caption_filter.check(row["caption"])
+        out.update(language=verdict.language, language_score=verdict.language_score)
+        if verdict.reason:
+            out.update(status="filtered", reason=verdict.reason)
+            return
+        started = time.monotonic()
+        fetched = self.fetcher.fetch(row["url"])
+        out.update(
+            http_status=fetched.http_status,
+            attempts=fetched.attempts,
+            final_url=fetched.final_url,
+            fetch_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        if fetched.status != "ok":
+            out.update(status=fetched.status, reason=fetched.reason, detail=fetched.detail)
+            return
+        image = self.processor.process(fetched.body)
+        if not image.ok:
+            out.update(status="failed", reason=image.reason, detail=image.detail)
+            return
+        out.update(
+            original_width=image.original_width,
+            original_height=image.original_height,
+            width=image.width,
+            height=image.height,
+            sha256=image.sha256,
+            phash=image.phash,
+        )
+        reason = image_reason(self.settings.filters, image.original_width, image.original_height)
+        if reason:
+            out.update(status="filtered", reason=reason)
+            return
+        out["jpg"] = image.jpg

@@ -1,0 +1,68 @@
+"""Site opt-outs: robots.txt (RFC 9309) and the X-Robots-Tag header directives img2dataset honours."""
+
+from __future__ import annotations
+
+import threading
+import urllib.robotparser
+from collections.abc import Callable, Iterable
+
+# img2dataset's default set: sites use these to opt images out of AI training and indexing.
+DISALLOWED_X_ROBOTS_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
+
+
+def x_robots_disallows(
+    header_values: Iterable[str],
+    user_agent_token: str,
+    directives: frozenset[str] = DISALLOWED_X_ROBOTS_DIRECTIVES,
+) -> bool:
+    """True if any X-Robots-Tag value opts out for all agents or for `user_agent_token`.
+
+    A value is either `noai, noindex` (all agents) or `agent: noai` (one agent), as img2dataset reads it.
+    """
+    token = user_agent_token.lower()
+    for value in header_values:
+        head, sep, tail = value.partition(":")
+        agent = head.strip().lower() if sep and "," not in head else None
+        body = tail if agent is not None else value
+        found = {d.strip().lower() for d in body.split(",")}
+        if (agent is None or agent == token) and found & directives:
+            return True
+    return False
+
+
+class RobotsCache:
+    """robots.txt per origin, fetched once per worker with the crawler's own guarded fetch.
+
+    RFC 9309: a 4xx robots.txt means no rules (allow), a 5xx or unreachable one means disallow all.
+    """
+
+    def __init__(self, fetch_text: Callable[[str], tuple[int, str]], user_agent_token: str):
+        self._fetch_text = fetch_text
+        self._token = user_agent_token
+        self._parsers: dict[str, urllib.robotparser.RobotFileParser | bool] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def allowed(self, origin: str, url: str) -> bool:
+        with self._guard:
+            lock = self._locks.setdefault(origin, threading.Lock())
+        with lock:  # one fetch per origin even when many threads ask at once
+            if origin not in self._parsers:
+                self._parsers[origin] = self._load(origin)
+        parser = self._parsers[origin]
+        if isinstance(parser, bool):
+            return parser
+        return parser.can_fetch(self._token, url)
+
+    def _load(self, origin: str) -> urllib.robotparser.RobotFileParser | bool:
+        try:
+            status, text = self._fetch_text(origin + "/robots.txt")
+        except Exception:  # unreachable robots.txt: RFC 9309 says assume complete disallow
+            return False
+        if 400 <= status < 500:
+            return True
+        if status >= 500 or status == 0:
+            return False
+        parser = urllib.robotparser.RobotFileParser()
+        parser.parse(text.splitlines())
+        return parser
