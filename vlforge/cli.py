@@ -10,7 +10,6 @@ import sys
 
 from vlforge.errors import UserError
 
-
 # Each stage registers its own subcommand; adding a stage is one line here.
 STAGE_CLIS = (
     # "vlforge.world.cli",

@@ -1,0 +1,45 @@
+# vlforge make targets. `make demo` and `make test` are all a fresh clone needs.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install demo test lint format bench world corpus clean
+
+install: $(STAMP)
+
+# torch and torchvision first and pinned: this machine holds exactly these builds on disk.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vlforge demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_corpus.py
+	@for b in bench/bench_parser.py bench/bench_featurize.py; do \
+		if [ -f $$b ]; then $(BIN)/python $$b || exit 1; fi; done
+
+world: $(STAMP)
+	$(BIN)/vlforge world make --n 1000 --seed 0 --out runs/world/urls.parquet
+
+corpus: $(STAMP)
+	$(BIN)/vlforge corpus --urls $(URLS) --out $(OUT)
+
+clean:
+	rm -rf runs bench/work
