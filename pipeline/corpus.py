@@ -8,11 +8,16 @@ The flow (each step a small transform in its own module):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import platform
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import TextIO
 
 import apache_beam as beam
 import pyarrow as pa
@@ -117,34 +122,64 @@ def build_pipeline(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig
     )
 
 
+@contextlib.contextmanager
+def _worker_stderr_to(log_path: str | None) -> Iterator[TextIO]:
+    """Send fd 2 (inherited by DirectRunner's worker processes, which log at INFO) to a file,
+    keeping a handle on the real terminal for our own progress bar."""
+    if log_path is None:
+        yield sys.stderr
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        yield terminal
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        terminal.close()
+
+
 class _Progress:
     """A tqdm bar fed by in-process DoFns, or by counting chunk checkpoints for remote workers."""
 
-    def __init__(self, plan: WorkPlan, local: bool, enabled: bool):
+    def __init__(self, plan: WorkPlan, local: bool, enabled: bool, stream: TextIO):
         self.plan = plan
         self.bar = tqdm(
-            total=plan.n_rows, unit="row", desc="crawl", disable=not enabled, mininterval=0.5
+            total=plan.n_rows,
+            unit="row",
+            desc="crawl",
+            disable=not enabled,
+            mininterval=0.5,
+            file=stream,
         )
         self.local = local
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> _Progress:
-        if self.local:
-            progress.set_listener(self.bar.update)
-        else:
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
+        progress.reset()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
         return self
 
+    def _rows(self) -> int:
+        if self.local:
+            return progress.rows_done()
+        return min(self.plan.n_rows, len(self.plan.done_chunks()) * self.plan.chunk_size)
+
     def _poll(self) -> None:
-        while not self._stop.wait(1.0):
-            done = min(self.plan.n_rows, len(self.plan.done_chunks()) * self.plan.chunk_size)
-            self.bar.update(done - self.bar.n)
+        while not self._stop.wait(0.5 if self.local else 2.0):
+            self.bar.update(self._rows() - self.bar.n)
 
     def __exit__(self, *_: object) -> None:
-        progress.set_listener(None)
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.bar.update(self._rows() - self.bar.n)
         self.bar.close()
 
 
@@ -168,7 +203,13 @@ def run_corpus(config: CorpusConfig) -> dict:
     planned = time.time()
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     local = is_local(options)
-    with _Progress(plan, local, config.show_progress):
+    worker_log = (
+        None if local or "://" in config.out else os.path.join(config.out, "_work", "workers.log")
+    )
+    with (
+        _worker_stderr_to(worker_log) as terminal,
+        _Progress(plan, local, config.show_progress, terminal),
+    ):
         with beam.Pipeline(options=options) as pipeline:
             build_pipeline(pipeline, plan, config, spread=not local)
         result = pipeline.result
@@ -246,6 +287,4 @@ def _manifest(config, plan, stats: pa.Table, shards, result, reused_chunks: int)
 
 
 def _cpu_count() -> int:
-    import os
-
     return os.cpu_count() or 1

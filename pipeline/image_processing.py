@@ -14,9 +14,35 @@ from dataclasses import dataclass
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
 import imagehash  # noqa: E402
-from img2dataset import resizer as _i2d_resizer  # noqa: E402
 from PIL import Image  # noqa: E402
+
+
+def _load_img2dataset_resizer():
+    """img2dataset's resizer module alone, without the package's __init__.
+
+    `import img2dataset` pulls in its whole downloader: wandb (which wraps sys.stdout), fsspec
+    and torch, seconds per worker process. The resizer module needs only cv2, numpy and
+    albumentations, so it is loaded from the installed package's file by itself.
+    """
+    name = "vlforge._img2dataset_resizer"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("img2dataset")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("img2dataset is not installed")
+    path = os.path.join(list(package.submodule_search_locations)[0], "resizer.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_i2d_resizer = _load_img2dataset_resizer()
 
 # img2dataset wraps each resize in SuppressStdoutStderr, which dup2()s file descriptors 1 and 2
 # process-wide. Two threads doing that at once can leave stdout pointing at /dev/null for good

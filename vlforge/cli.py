@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         sys.stderr.write(f"vlforge: error: {err}\n")
         return 2
+    except BrokenPipeError:  # `vlforge ... | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         sys.stderr.write("vlforge: interrupted; finished chunks are kept, rerun to resume\n")
         return 130
