@@ -48,3 +48,14 @@ def is_local(options: PipelineOptions) -> bool:
     runner = options.view_as(StandardOptions).runner
     mode = options.view_as(DirectOptions).direct_running_mode
     return runner in (None, "DirectRunner", "direct") and mode in ("in_memory", "multi_threading")
+
+
+def assemble_options(options: PipelineOptions) -> PipelineOptions:
+    """Options for the global steps: in this process on DirectRunner, unchanged elsewhere."""
+    if options.view_as(StandardOptions).runner not in (None, "DirectRunner", "direct"):
+        return options
+    local = PipelineOptions.from_dictionary(options.get_all_options(drop_default=True))
+    direct = local.view_as(DirectOptions)
+    direct.direct_num_workers = 1
+    direct.direct_running_mode = "in_memory"
+    return local

@@ -1,9 +1,12 @@
 """`vlforge corpus`: URL lists → crawled, filtered, deduplicated WebDataset shards, on Beam.
 
-The flow (each step a small transform in its own module):
-  read lists → normalize + chunk (work_plan) → CrawlChunk (fetch, check, resize, filter; one
-  checkpoint per chunk) → MarkExactDuplicates(image) → MarkNearDuplicates(phash) →
-  MarkExactDuplicates(caption) → AssignShards → WriteShard → stats.parquet, manifest.json.
+The flow (each step a small transform in its own module), as two Beam pipelines:
+  crawl:    chunks not yet done → CrawlChunk (fetch, check, resize, filter; one checkpoint each)
+  assemble: every checkpoint → ReadChunkRecords → MarkExactDuplicates(image) →
+            MarkNearDuplicates(phash) → MarkExactDuplicates(caption) → AssignShards →
+            WriteShard → stats.parquet; then manifest.json and the summary.
+The split lets a rerun skip the network entirely and lets the global steps run where moving
+records is cheap, while the crawl spreads over worker processes or a cluster.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from tqdm import tqdm
 from vlforge import __version__
 from vlforge.errors import UserError
 from vlforge.pipeline import progress, storage
-from vlforge.pipeline.beam_options import build_options, is_local
-from vlforge.pipeline.crawl_stage import CrawlChunk, CrawlSettings
+from vlforge.pipeline.beam_options import assemble_options, build_options, is_local
+from vlforge.pipeline.crawl_stage import CrawlChunk, CrawlSettings, ReadChunkRecords
 from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates
 from vlforge.pipeline.filters import caption_key
 from vlforge.pipeline.funnel import funnel_counts
@@ -84,12 +87,22 @@ def _write_stats(records: list[dict], path: str) -> int:
     return len(records)
 
 
-def build_pipeline(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig, spread: bool):
+def build_crawl(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig, chunks: list[int]):
+    """The network step: each chunk not yet checkpointed is fetched and written."""
+    pending = pipeline | "Chunks" >> beam.Create(chunks)
+    if len(chunks) > 1:  # lets multi-process and remote workers split the chunks among them
+        pending = pending | "Spread" >> beam.Reshuffle()
+    return pending | "Crawl" >> beam.ParDo(CrawlChunk(plan, config.crawl))
+
+
+def build_assemble(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig):
+    """The cheap global steps, recomputed on every run from the checkpoints."""
     filters = config.crawl.filters
-    chunks = pipeline | "Chunks" >> beam.Create(list(range(plan.n_chunks)))
-    if spread:  # lets other runners and multi-process workers split the chunks among workers
-        chunks = chunks | "Spread" >> beam.Reshuffle()
-    records = chunks | "Crawl" >> beam.ParDo(CrawlChunk(plan, config.crawl))
+    records = (
+        pipeline
+        | "AllChunks" >> beam.Create(list(range(plan.n_chunks)))
+        | "Records" >> beam.ParDo(ReadChunkRecords(plan))
+    )
     if filters.dedup_images:
         records = records | MarkExactDuplicates(lambda r: r["sha256"], "duplicate_image")
     if filters.dedup_near_images:
@@ -109,7 +122,7 @@ def build_pipeline(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig
     )
     stats_path = storage.join(config.out, "stats.parquet")
     _ = (
-        (numbered | "Records" >> beam.Values(), rest)
+        (numbered | "Numbered" >> beam.Values(), rest)
         | "All" >> beam.Flatten()
         | "StatsList" >> beam.combiners.ToList()
         | "WriteStats" >> beam.Map(_write_stats, stats_path)
@@ -203,24 +216,34 @@ def run_corpus(config: CorpusConfig) -> dict:
     planned = time.time()
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     local = is_local(options)
+    todo = sorted(set(range(plan.n_chunks)) - (set() if config.crawl.retry_failed else done_before))
     worker_log = (
-        None if local or "://" in config.out else os.path.join(config.out, "_work", "workers.log")
+        None if local or "://" in config.out else os.path.join(plan.work_dir, "workers.log")
     )
-    with (
-        _worker_stderr_to(worker_log) as terminal,
-        _Progress(plan, local, config.show_progress, terminal),
-    ):
-        with beam.Pipeline(options=options) as pipeline:
-            build_pipeline(pipeline, plan, config, spread=not local)
-        result = pipeline.result
+    results = []
+    if todo:
+        with (
+            _worker_stderr_to(worker_log) as terminal,
+            _Progress(plan, local, config.show_progress, terminal),
+            beam.Pipeline(options=options) as crawl,
+        ):
+            build_crawl(crawl, plan, config, todo)
+        results.append(crawl.result)
+    crawled = time.time()
+    # Dedup and sharding move only small records: on DirectRunner they run in this process,
+    # where passing records between steps costs nothing (worker processes would pickle each).
+    with beam.Pipeline(options=assemble_options(options)) as assemble:
+        build_assemble(assemble, plan, config)
+    results.append(assemble.result)
     finished = time.time()
     shards = storage.read_json(storage.join(plan.work_dir, "shards.json"))
     _remove_stale_shards(config, {s["shard"] for s in shards})
     stats = storage.read_parquet(storage.join(config.out, "stats.parquet"))
-    manifest = _manifest(config, plan, stats, shards, result, len(done_before))
+    manifest = _manifest(config, plan, stats, shards, results, len(done_before), len(todo))
     manifest["timings"] = {
         "plan_s": round(planned - started, 3),
-        "pipeline_s": round(finished - planned, 3),
+        "crawl_s": round(crawled - planned, 3),
+        "assemble_s": round(finished - crawled, 3),
         "total_s": round(time.time() - started, 3),
     }
     storage.write_json(storage.join(config.out, "manifest.json"), manifest)
@@ -236,11 +259,13 @@ def _remove_stale_shards(config: CorpusConfig, current: set[str]) -> None:
                 storage.delete([path])
 
 
-def _counter_values(result) -> dict[str, int]:
-    try:
-        counters = result.metrics().query()["counters"]
-    except Exception:  # some runners report no metrics
-        return {}
+def _counter_values(results: list) -> dict[str, int]:
+    counters = []
+    for result in results:
+        try:
+            counters.extend(result.metrics().query()["counters"])
+        except Exception:  # some runners report no metrics
+            continue
     out: dict[str, int] = {}
     for counter in counters:
         name = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
@@ -260,10 +285,12 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _manifest(config, plan, stats: pa.Table, shards, result, reused_chunks: int) -> dict:
+def _manifest(
+    config, plan, stats: pa.Table, shards, results, reused_chunks: int, crawled_chunks: int
+) -> dict:
     by_status = stats.group_by("status").aggregate([("row_id", "count")]).to_pylist()
     by_reason = stats.group_by(["status", "reason"]).aggregate([("row_id", "count")]).to_pylist()
-    counters = _counter_values(result)
+    counters = _counter_values(results)
     return {
         "stage": "corpus",
         "config": {
@@ -273,7 +300,7 @@ def _manifest(config, plan, stats: pa.Table, shards, result, reused_chunks: int)
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "cpus": _cpu_count()},
         "rows": stats.num_rows,
-        "chunks": {"total": plan.n_chunks, "reused": reused_chunks},
+        "chunks": {"total": plan.n_chunks, "reused": reused_chunks, "crawled": crawled_chunks},
         "http_requests": counters.get("crawl/http_requests", 0),
         "status_counts": {r["status"]: r["row_id_count"] for r in by_status},
         "reason_counts": {

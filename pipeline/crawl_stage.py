@@ -2,7 +2,7 @@
 
 One DoFn call handles a whole chunk with a bounded thread pool, because the network step is
 checkpointed per chunk: a chunk's results are written (atomically) before anything downstream
-sees them, so an interrupted run loses at most the chunks in flight.
+reads them back (ReadChunkRecords), so an interrupted run loses at most the chunks in flight.
 """
 
 from __future__ import annotations
@@ -67,8 +67,22 @@ def _empty_row(row: dict) -> dict:
     return out
 
 
+class ReadChunkRecords(beam.DoFn):
+    """chunk id → one metadata record per row of its checkpoint (image bytes stay on disk)."""
+
+    def __init__(self, plan: WorkPlan):
+        self.plan = plan
+
+    def process(self, chunk: int):
+        table = storage.read_parquet(self.plan.fetched_path(chunk), RECORD_FIELDS)
+        for record in table.to_pylist():
+            Metrics.counter("status", f"{record['status']}:{record['reason'] or '-'}").inc()
+            record["chunk"] = chunk
+            yield record
+
+
 class CrawlChunk(beam.DoFn):
-    """chunk id → one metadata record per row (without image bytes)."""
+    """chunk id → its checkpoint written (rows fetched, checked, resized, filtered)."""
 
     def __init__(self, plan: WorkPlan, settings: CrawlSettings):
         self.plan = plan
@@ -86,23 +100,17 @@ class CrawlChunk(beam.DoFn):
 
     def process(self, chunk: int):
         path = self.plan.fetched_path(chunk)
-        if storage.exists(path):
-            table = storage.read_parquet(path)
-            if self.settings.retry_failed:
-                table = self._retry(chunk, table)
-            else:
-                self.chunks_reused.inc()
-            progress.advance(table.num_rows)
-        else:
+        if not storage.exists(path):
             rows = storage.read_parquet(self.plan.input_path(chunk)).to_pylist()
-            results = self._crawl_rows(rows)
-            table = pa.Table.from_pylist(results, schema=CHECKPOINT_SCHEMA)
+            table = pa.Table.from_pylist(self._crawl_rows(rows), schema=CHECKPOINT_SCHEMA)
             storage.write_parquet(path, table)
             self.chunks_fetched.inc()
-        for record in table.select(RECORD_FIELDS).to_pylist():
-            Metrics.counter("status", f"{record['status']}:{record['reason']}").inc()
-            record["chunk"] = chunk
-            yield record
+        elif self.settings.retry_failed:
+            table = self._retry(chunk, storage.read_parquet(path))
+        else:
+            self.chunks_reused.inc()
+            return
+        yield {"chunk": chunk, "rows": table.num_rows}
 
     def _retry(self, chunk: int, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()

@@ -80,11 +80,11 @@ def prepare(
     plan = WorkPlan(out_dir, rows.num_rows, chunk_size, -(-rows.num_rows // chunk_size))
     plan_path = storage.join(plan.work_dir, "plan.json")
     print_fp = fingerprint(rows, {**settings, "chunk_size": chunk_size})
-    if storage.exists(plan_path):
+    if storage.exists(plan_path) and not overwrite:
         previous = storage.read_json(plan_path)
         if previous.get("fingerprint") == print_fp:
             return plan
-        if not overwrite:
+        else:
             raise UserError(
                 f"{out_dir} holds a run of a different list or different settings; "
                 "use another --out or pass --overwrite to start it again"
