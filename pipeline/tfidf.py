@@ -157,7 +157,10 @@ class CorpusIdf(beam.PTransform):
         n_features = self.n_features
         return (
             texts
-            | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=self.batch_size)
+            | "Batch"
+            >> beam.BatchElements(
+                min_batch_size=min(64, self.batch_size), max_batch_size=self.batch_size
+            )
             | "DocFreq" >> beam.Map(lambda batch: (len(batch), doc_frequencies(batch, n_features)))
             | "SumDocFreq" >> beam.CombineGlobally(_SumDocFrequencies(n_features))
             | "Idf" >> beam.MapTuple(lambda n, df: idf_from_df(df, n))

@@ -1,0 +1,308 @@
+"""Quality of mined shards against the demo world's truth: the figures `make demo` records.
+
+- neg_false_rate: share of negatives (mined and rewritten) that are true of the image, judged by
+  matching the negative caption's scene graph against the image's world truth (objects with
+  their colour/size attributes, relations); target ≤ 0.01.
+- neg_hardness: share of mined hard negatives whose scene graph differs from the sample's own
+  caption in exactly one object, attribute or relation; beside it the same share for random
+  negatives (another sample's caption drawn at random).
+- ivf_recall10: recall@10 of the IVF index at the default nprobe against the exact index, on the
+  corpus's own caption vectors (target ≥ 0.95).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+
+import numpy as np
+
+from vlforge.pipeline import storage
+from vlforge.pipeline.mine_shards import list_shards, read_samples
+from vlforge.pipeline.neighbours import NeighbourConfig, NeighbourIndex, exact_search, recall_at_k
+from vlforge.pipeline.rewrites import apply_edit
+from vlforge.pipeline.tfidf import doc_frequencies, fit_reducer, idf_from_df, tfidf
+
+CONVERSE = {
+    "left of": "right of",
+    "right of": "left of",
+    "above": "below",
+    "below": "above",
+    "on": "under",
+    "under": "on",
+    "in front of": "behind",
+    "behind": "in front of",
+}
+SYMMETRIC_NEAR = frozenset({"near", "next to", "beside", "with"})
+
+
+# ---- is a caption true of an image? ---------------------------------------------------------
+
+
+def _truth_objects(truth: dict) -> list[dict]:
+    """World truth → [{"id", "name", "count", "attributes": set}] (scene graph, or per-box lists)."""
+    sg = truth.get("scene_graph") or {}
+    objects = [
+        {"id": o["id"], "name": o["name"], "count": int(o.get("count", 1)), "attributes": set()}
+        for o in sg.get("objects", [])
+    ]
+    by_id = {o["id"]: o for o in objects}
+    for attr in sg.get("attributes", []):
+        if attr["object"] in by_id:
+            by_id[attr["object"]]["attributes"].add(attr["name"])
+    if not objects and truth.get("labels"):
+        for i, name in enumerate(truth["labels"]):
+            attrs = {
+                str(v[i])
+                for v in (truth.get("colours"), truth.get("sizes"))
+                if v is not None and i < len(v)
+            }
+            objects.append({"id": i, "name": name, "count": 1, "attributes": attrs})
+    return objects
+
+
+def _truth_relations(truth: dict) -> set[tuple[int, str, int]]:
+    rels = set()
+    for r in (truth.get("scene_graph") or {}).get("relations", []):
+        rels.add((r["subject"], r["name"], r["object"]))
+        if r["name"] in CONVERSE:
+            rels.add((r["object"], CONVERSE[r["name"]], r["subject"]))
+    return rels
+
+
+def _judgeable(caption_sg: dict, names: set[str]) -> dict:
+    """The caption's claims about things the world's truth describes (its shapes).
+
+    Words like "background" or "photo" name nothing the truth lists; a claim about them can be
+    neither confirmed nor refuted, so it is left out rather than counted as false.
+    """
+    keep = {o["id"] for o in caption_sg.get("objects", []) if o["name"] in names}
+    return {
+        "objects": [o for o in caption_sg.get("objects", []) if o["id"] in keep],
+        "attributes": [a for a in caption_sg.get("attributes", []) if a["object"] in keep],
+        "relations": [
+            r
+            for r in caption_sg.get("relations", [])
+            if r["subject"] in keep and r["object"] in keep
+        ],
+    }
+
+
+def true_of(caption_sg: dict, truth: dict, names: set[str] | None = None) -> bool:
+    """Does some assignment of the caption's objects to the image's satisfy every claim?
+
+    `names`: the object names the world's truth can contain; claims about others are dropped.
+    """
+    if names is not None:
+        caption_sg = _judgeable(caption_sg, names)
+    objects = _truth_objects(truth)
+    relations = _truth_relations(truth)
+    related = {(s, o) for s, _, o in relations} | {(o, s) for s, _, o in relations}
+    c_objects = caption_sg.get("objects", [])
+    c_attrs: dict[int, set[str]] = {}
+    for attr in caption_sg.get("attributes", []):
+        c_attrs.setdefault(attr["object"], set()).add(attr["name"])
+    c_rels = [(r["subject"], r["name"], r["object"]) for r in caption_sg.get("relations", [])]
+
+    def candidates(obj) -> list[dict]:
+        want = c_attrs.get(obj["id"], set())
+        fits = [t for t in objects if t["name"] == obj["name"] and want <= t["attributes"]]
+        # "two circles" needs two circles with those attributes, however the truth groups them.
+        return fits if sum(t["count"] for t in fits) >= min(int(obj.get("count", 1)), 2) else []
+
+    options = [candidates(o) for o in c_objects]
+    if any(not opts for opts in options):
+        return False
+    ids = [o["id"] for o in c_objects]
+
+    def relations_hold(assign: dict[int, int]) -> bool:
+        for s, name, o in c_rels:
+            if s not in assign or o not in assign:
+                continue
+            a, b = assign[s], assign[o]
+            if name in SYMMETRIC_NEAR:
+                if (a, b) not in related:
+                    return False
+            elif (a, name, b) not in relations:
+                return False
+        return True
+
+    def search(i: int, assign: dict[int, int]) -> bool:
+        if i == len(ids):
+            return relations_hold(assign)
+        for t in options[i]:
+            # Distinct caption objects of one name are distinct things in the image.
+            if t["id"] in assign.values() and t["count"] == 1:
+                continue
+            assign[ids[i]] = t["id"]
+            if search(i + 1, assign):
+                return True
+            del assign[ids[i]]
+        return False
+
+    return search(0, {})
+
+
+# ---- how far is one caption from another? ---------------------------------------------------
+
+
+def _multisets(sg: dict) -> tuple[Counter, Counter, Counter]:
+    names = {o["id"]: o["name"] for o in sg.get("objects", [])}
+    objects = Counter(names.values())
+    attrs = Counter((names.get(a["object"]), a["name"]) for a in sg.get("attributes", []))
+    rels = Counter(
+        (names.get(r["subject"]), r["name"], names.get(r["object"]))
+        for r in sg.get("relations", [])
+    )
+    return objects, attrs, rels
+
+
+def _one_change(a: Counter, b: Counter) -> tuple | None:
+    """(removed, added) if b is a with exactly one element swapped, else None."""
+    if sum(a.values()) != sum(b.values()):
+        return None
+    gone, new = a - b, b - a
+    if sum(gone.values()) == 1 and sum(new.values()) == 1:
+        return next(iter(gone)), next(iter(new))
+    return None
+
+
+def one_slot_apart(a: dict, b: dict) -> bool:
+    """Is b's scene graph a's with exactly one object, attribute or relation name swapped?"""
+    ao, aa, ar = _multisets(a)
+    bo, ba, br = _multisets(b)
+    if ao == bo:
+        if aa == ba:
+            change = _one_change(ar, br)
+            return change is not None and (change[0][0], change[0][2]) == (
+                change[1][0],
+                change[1][2],
+            )
+        change = _one_change(aa, ba)
+        return ar == br and change is not None and change[0][0] == change[1][0]
+    change = _one_change(ao, bo)
+    if change is None:
+        return False
+    old, new = change
+
+    def rename(x):
+        return new if x == old else x
+
+    return (
+        Counter({(rename(o), n): c for (o, n), c in aa.items()}) == ba
+        and Counter({(rename(s), n, rename(o)): c for (s, n, o), c in ar.items()}) == br
+    )
+
+
+# ---- the figures ----------------------------------------------------------------------------
+
+
+def _load(mined_dir: str) -> list[dict]:
+    rows = []
+    for path in list_shards(mined_dir):
+        for sample in read_samples(path):
+            meta = json.loads(sample.get("json", b"{}") or b"{}")
+            world = meta.get("world")
+            rows.append(
+                {
+                    "key": sample["__key__"],
+                    "caption": sample.get("txt", b"").decode("utf-8", "replace"),
+                    "truth": json.loads(world) if isinstance(world, str) else world,
+                    "sg": json.loads(sample["sg.json"]) if "sg.json" in sample else None,
+                    "mine": json.loads(sample["mine.json"]) if "mine.json" in sample else None,
+                }
+            )
+    return rows
+
+
+def negative_figures(rows: list[dict], seed: int = 0) -> dict:
+    sg_of = {r["key"]: r["sg"] for r in rows if r["sg"]}
+    counts: Counter = Counter()
+    rng = np.random.default_rng(seed)
+    keys = [r["key"] for r in rows if r["sg"]]
+    names = {o["name"] for r in rows if r["truth"] for o in _truth_objects(r["truth"])}
+    for row in rows:
+        mine, truth, own = row["mine"], row["truth"], row["sg"]
+        if not mine or not truth or not own:
+            continue
+        for neg in mine.get("hard_negatives", []):
+            neg_sg = sg_of.get(neg["key"])
+            if neg_sg is None:
+                continue
+            counts["mined"] += 1
+            counts["mined_true"] += true_of(neg_sg, truth, names)
+            counts["mined_one_slot"] += one_slot_apart(own, neg_sg)
+        for rw in mine.get("rewrites", []):
+            counts["rewritten"] += 1
+            counts[f"rewritten_{rw['kind']}"] += 1
+            is_true = true_of(apply_edit(own, rw), truth, names)
+            counts["rewritten_true"] += is_true
+            counts[f"rewritten_{rw['kind']}_true"] += is_true
+        if len(keys) > 1:
+            other = keys[int(rng.integers(len(keys)))]
+            if other != row["key"]:
+                counts["random"] += 1
+                counts["random_one_slot"] += one_slot_apart(own, sg_of[other])
+                counts["random_true"] += true_of(sg_of[other], truth, names)
+        counts["own_true"] += true_of(own, truth, names)
+        counts["judged_samples"] += 1
+
+    def share(a: str, b: str) -> float | None:
+        return round(counts[a] / counts[b], 4) if counts[b] else None
+
+    negatives = counts["mined"] + counts["rewritten"]
+    return {
+        "neg_false_rate": round((counts["mined_true"] + counts["rewritten_true"]) / negatives, 4)
+        if negatives
+        else None,
+        "neg_false_rate_mined": share("mined_true", "mined"),
+        "neg_false_rate_rewritten": share("rewritten_true", "rewritten"),
+        **{
+            f"neg_false_rate_{k}": share(f"rewritten_{k}_true", f"rewritten_{k}")
+            for k in ("object", "attribute", "relation")
+        },
+        "neg_hardness": share("mined_one_slot", "mined"),
+        "neg_hardness_random": share("random_one_slot", "random"),
+        "random_false_rate": share("random_true", "random"),
+        "own_caption_true_rate": share("own_true", "judged_samples"),
+        "counts": dict(sorted(counts.items())),
+    }
+
+
+def ivf_recall10(
+    texts: Iterable[str], config: NeighbourConfig = NeighbourConfig(), dim: int = 128, seed: int = 0
+) -> dict:
+    """Recall@10 of the IVF index (threshold forced low, default nprobe) vs the exact index."""
+    texts = sorted(set(texts))
+    if len(texts) < 20:
+        return {"ivf_recall10": None, "n": len(texts)}
+    idf = idf_from_df(doc_frequencies(texts), len(texts))
+    rows = tfidf(texts, idf)
+    vectors = fit_reducer(rows, dim=dim, seed=seed).transform(rows)
+    ivf = NeighbourIndex(
+        vectors,
+        NeighbourConfig(
+            ivf_threshold=1, nlist=config.nlist, nprobe=config.nprobe, use_gpu=config.use_gpu
+        ),
+    )
+    _, approx = ivf.search(vectors, 10)
+    _, exact = exact_search(vectors, vectors, 10)
+    return {
+        "ivf_recall10": round(recall_at_k(approx, exact), 4),
+        "n": len(texts),
+        "nlist": ivf.nlist,
+        "nprobe": ivf.index.nprobe,
+    }
+
+
+def mine_quality(mined_dir: str, seed: int = 0) -> dict:
+    """Every figure for a directory of mined shards (the demo's entry point)."""
+    rows = _load(mined_dir)
+    figures = negative_figures(rows, seed)
+    figures.update(ivf_recall10([r["caption"].strip().lower() for r in rows]))
+    figures["samples"] = len(rows)
+    manifest = storage.join(mined_dir, "manifest.json")
+    if storage.exists(manifest):
+        figures["mine_seconds"] = storage.read_json(manifest).get("timings", {}).get("total_s")
+    return figures

@@ -1,0 +1,121 @@
+"""Inner-product nearest neighbours over unit vectors with faiss, plus an exact sparse rerank.
+
+Index choice (knobs in NeighbourConfig):
+- below `ivf_threshold` vectors: IndexFlatIP, exact;
+- at or above it: IndexIVFFlat with nlist = clamp(4 * sqrt(n), 16, 65536) lists and nprobe = 32.
+  The IVF keeps full vectors (no PQ), so its only error is probing too few lists; on demo-world and
+  caption-like data nprobe=32 of ~1,300 lists (n = 100k) gives recall@10 ≈ 0.99 against the flat
+  index (bench/bench_mine.py measures it on every run). k-means uses a fixed seed, so the index,
+  and every answer, is the same on each run for the same input order.
+- on a GPU when faiss was built with one (faiss-gpu): the same index moved with index_cpu_to_all_gpus.
+Queries run in batches of `batch_size` so memory stays bounded for any corpus size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass(frozen=True)
+class NeighbourConfig:
+    ivf_threshold: int = 50_000  # below this many vectors the exact flat index is fast enough
+    nlist: int | None = None  # None: clamp(4 * sqrt(n), 16, 65536)
+    nprobe: int = 32
+    batch_size: int = 4096
+    use_gpu: bool = True  # only takes effect when faiss has GPUs
+    seed: int = 1234
+    train_size: int = 256  # training vectors per list (faiss warns below 39)
+
+
+def gpu_count() -> int:
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:  # faiss-cpu builds have no GPU module
+        return 0
+
+
+def default_nlist(n: int) -> int:
+    return int(min(65536, max(16, round(4 * math.sqrt(max(n, 1))))))
+
+
+class NeighbourIndex:
+    """Unit vectors (n × d float32) → top-k by inner product (cosine), exact or IVF."""
+
+    def __init__(self, vectors: np.ndarray, config: NeighbourConfig = NeighbourConfig()):
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.n, self.dim = vectors.shape
+        self.config = config
+        self.kind = "flat" if self.n < config.ivf_threshold else "ivf"
+        self.nlist: int | None = None
+        if self.kind == "flat":
+            index = faiss.IndexFlatIP(self.dim)
+        else:
+            nlist = min(config.nlist or default_nlist(self.n), max(1, self.n // 39))
+            quantizer = faiss.IndexFlatIP(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = config.seed
+            # Training on an evenly strided subset: deterministic and bounded in time.
+            step = max(1, self.n // (nlist * config.train_size))
+            index.train(vectors[::step])
+            index.nprobe = min(config.nprobe, nlist)
+            self.nlist = nlist
+        index.add(vectors)
+        self.on_gpu = False
+        if config.use_gpu and gpu_count() > 0:
+            index = faiss.index_cpu_to_all_gpus(index)
+            self.on_gpu = True
+        self.index = index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each len(queries) × k; missing neighbours have id -1 and score -inf."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = max(1, min(k, self.n))
+        scores = np.empty((len(queries), k), np.float32)
+        ids = np.empty((len(queries), k), np.int64)
+        step = self.config.batch_size
+        for start in range(0, len(queries), step):
+            s, i = self.index.search(queries[start : start + step], k)
+            scores[start : start + step], ids[start : start + step] = s, i
+        scores[ids < 0] = -np.inf
+        return scores, ids
+
+
+def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The flat index's answer, whatever the size (the reference for recall)."""
+    return NeighbourIndex(vectors, NeighbourConfig(ivf_threshold=len(vectors) + 1)).search(
+        queries, k
+    )
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean share of each query's exact top-k found in its approximate top-k."""
+    hits = 0
+    total = 0
+    for a, e in zip(approx_ids, exact_ids, strict=True):
+        truth = set(e[e >= 0].tolist())
+        hits += len(truth.intersection(a[a >= 0].tolist()))
+        total += len(truth)
+    return hits / total if total else 1.0
+
+
+def rerank(
+    query_rows: sp.csr_matrix, corpus_rows: sp.csr_matrix, candidates: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact sparse cosine of each query with its candidates, sorted best first.
+
+    Ties break by candidate id so the order never depends on faiss's internal order.
+    Returns (scores, ids) shaped like `candidates`; -1 ids keep score -inf and sort last.
+    """
+    b, c = candidates.shape
+    safe = np.where(candidates < 0, 0, candidates)
+    left = query_rows[np.repeat(np.arange(b), c)]
+    right = corpus_rows[safe.ravel()]
+    scores = np.asarray(left.multiply(right).sum(axis=1), dtype=np.float32).reshape(b, c)
+    scores[candidates < 0] = -np.inf
+    order = np.lexsort((candidates, -scores), axis=1) if b else np.zeros((0, c), np.int64)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
