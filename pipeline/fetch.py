@@ -99,6 +99,20 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
+class _Deadline:
+    """The time one attempt may take. Time spent queueing for a host slot or sitting out a
+    host's 429 pause is not the server's slowness, so it extends the deadline."""
+
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def extend(self, seconds: float) -> None:
+        self.at += seconds
+
+
 @dataclass
 class _HostState:
     semaphore: threading.BoundedSemaphore
@@ -153,7 +167,7 @@ class Fetcher:
             return self._hosts[netloc]
 
     def _attempt(self, url: str) -> FetchResult:
-        deadline = time.monotonic() + self.config.deadline
+        deadline = _Deadline(self.config.deadline)
         current = url
         for _hop in range(self.config.max_redirects + 1):
             parts = urllib.parse.urlsplit(current)
@@ -191,7 +205,7 @@ class Fetcher:
         state.not_before = max(state.not_before, time.monotonic() + pause)
 
     def _request(
-        self, parts: urllib.parse.SplitResult, deadline: float, max_bytes: int
+        self, parts: urllib.parse.SplitResult, deadline: _Deadline, max_bytes: int
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -202,10 +216,12 @@ class Fetcher:
         except ResolveError as err:
             raise _Failure("failed", "dns_error", str(err)) from err
         state = self._host(parts.netloc)
+        queued = time.monotonic()
         with state.semaphore:
             wait = state.not_before - time.monotonic()
             if wait > 0:
-                time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+                time.sleep(wait)
+            deadline.extend(time.monotonic() - queued)
             return self._exchange(parts, host, port, address, deadline, max_bytes)
 
     def _exchange(
@@ -214,11 +230,11 @@ class Fetcher:
         host: str,
         port: int,
         address: str,
-        deadline: float,
+        deadline: _Deadline,
         max_bytes: int,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
         timeout = self.config.timeout
-        remaining = deadline - time.monotonic()
+        remaining = deadline.remaining()
         if remaining <= 0:
             raise _Failure("failed", "deadline_exceeded", "deadline before request")
         cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
@@ -250,7 +266,7 @@ class Fetcher:
         except _Failure:
             raise
         except TimeoutError as err:
-            if time.monotonic() >= deadline:
+            if deadline.remaining() <= 0:
                 raise _Failure("failed", "deadline_exceeded", str(err)) from err
             raise _Failure("failed", "timeout", str(err) or "timed out") from err
         except http.client.IncompleteRead as err:
@@ -268,13 +284,13 @@ class Fetcher:
         self,
         conn: http.client.HTTPConnection,
         response: http.client.HTTPResponse,
-        deadline: float,
+        deadline: _Deadline,
         max_bytes: int,
     ) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline.remaining()
             if remaining <= 0:
                 raise _Failure("failed", "deadline_exceeded", f"body still arriving after {size} B")
             if conn.sock is not None:  # a slow body must not outlive the total deadline
@@ -289,7 +305,7 @@ class Fetcher:
 
     def _fetch_robots_text(self, url: str) -> tuple[int, str]:
         parts = urllib.parse.urlsplit(url)
-        deadline = time.monotonic() + self.config.deadline
+        deadline = _Deadline(self.config.deadline)
         try:
             status, _headers, body = self._request(parts, deadline, 512 * 1024)
         except _Failure as failure:

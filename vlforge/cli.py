@@ -12,9 +12,12 @@ from vlforge.errors import UserError
 
 # Each stage registers its own subcommand; adding a stage is one line here.
 STAGE_CLIS = (
-    # "vlforge.world.cli",
+    "vlforge.world.cli",
     "vlforge.pipeline.cli",
-    # "vlforge.demo",
+    "vlforge.featurize.cli",
+    "vlforge.pipeline.mine_cli",
+    "vlforge.train.cli",
+    "vlforge.demo",
 )
 
 
