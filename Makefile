@@ -32,7 +32,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_corpus.py
-	@for b in bench/bench_parser.py bench/bench_featurize.py; do \
+	@for b in bench/bench_parser.py bench/bench_featurize.py bench/bench_mine.py \
+		bench/bench_train_step.py bench/bench_train_loader.py; do \
 		if [ -f $$b ]; then $(BIN)/python $$b || exit 1; fi; done
 
 world: $(STAMP)
