@@ -1,0 +1,30 @@
+"""Losses: pretraining heads and objectives (MLM, MRC, MRC-KL, MRFR, ITM, WRA by IPOT, InfoNCE)."""
+
+from vlforge.train.losses.contrastive import ContrastiveLoss, gather_features
+from vlforge.train.losses.itm import ITMHead, itm_loss, itm_score
+from vlforge.train.losses.mlm import IGNORE, MLMHead, masked_select, mlm_loss
+from vlforge.train.losses.mrc import RegionClassifier, hard_region_labels, mrc_kl_loss, mrc_loss
+from vlforge.train.losses.mrfr import RegionFeatureRegressor, mrfr_loss
+from vlforge.train.losses.ot import cosine_cost, ipot, optimal_transport_distance, wra_loss
+
+__all__ = [
+    "IGNORE",
+    "ContrastiveLoss",
+    "ITMHead",
+    "MLMHead",
+    "RegionClassifier",
+    "RegionFeatureRegressor",
+    "cosine_cost",
+    "gather_features",
+    "hard_region_labels",
+    "ipot",
+    "itm_loss",
+    "itm_score",
+    "masked_select",
+    "mlm_loss",
+    "mrc_kl_loss",
+    "mrc_loss",
+    "mrfr_loss",
+    "optimal_transport_distance",
+    "wra_loss",
+]

@@ -1,0 +1,139 @@
+"""What every recipe shares: its declared needs (read by the data side), task dispatch and the
+total loss, size configs with overrides, and BERT-style initialization.
+
+Task dispatch follows the papers: `task_mode="sample"` trains one task per batch (the data side
+draws it with probabilities ∝ `tasks` and puts it in `batch["task"]`; UNITER), `"sum"` adds every
+task's loss weighted by `tasks` on every batch (ViLBERT, CLIP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self, TypeVar
+
+import torch
+from torch import nn
+
+# Sizes the trainer reads off the data and passes to every recipe; a recipe without such a field
+# (CLIP has no regions) ignores them instead of failing.
+DATA_SIZED = frozenset({"region_dim", "num_region_classes"})
+
+C = TypeVar("C", bound="RecipeConfig")
+
+
+@dataclass
+class RecipeConfig:
+    vocab_size: int = 30522
+    tasks: dict[str, float] = field(default_factory=dict)
+    task_mode: str = "sum"
+    init_std: float = 0.02
+
+
+def resolve_config(sizes: dict[str, C], size: str, vocab_size: int, overrides: dict[str, Any]) -> C:
+    """The named size's config with `vocab_size` and overrides applied (lists become tuples
+    where the field is a tuple, since CLI overrides arrive as JSON)."""
+    if size not in sizes:
+        raise ValueError(f"unknown size {size!r}; known: {', '.join(sizes)}")
+    base = sizes[size]
+    names = {f.name for f in dataclasses.fields(base)}
+    unknown = set(overrides) - names - DATA_SIZED
+    if unknown:
+        raise ValueError(
+            f"unknown config field(s) {sorted(unknown)} for this recipe; known: {sorted(names)}"
+        )
+    kw = {k: v for k, v in overrides.items() if k in names}
+    for k, v in kw.items():
+        if isinstance(getattr(base, k), tuple) and isinstance(v, list):
+            kw[k] = tuple(v)
+    return dataclasses.replace(base, vocab_size=vocab_size, **kw)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialization: normal(0, std) weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Embedding | nn.Conv2d):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm | nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Recipe(nn.Module):
+    """Base of every recipe. Subclasses set the class attributes, build their modules in
+    `__init__(cfg)` and implement `compute_losses`."""
+
+    name: ClassVar[str] = "recipe"
+    inputs: ClassVar[frozenset[str]] = frozenset()
+    supported_tasks: ClassVar[frozenset[str]] = frozenset()
+    sizes: ClassVar[dict[str, RecipeConfig]] = {}
+    geometry: int = 0
+    region_mask_overlap: bool = False
+    conditional_masking: bool = False
+
+    def __init__(self, cfg: RecipeConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.task_mode not in ("sum", "sample"):
+            raise ValueError(f"task_mode must be 'sum' or 'sample', not {cfg.task_mode!r}")
+        bad = set(cfg.tasks) - self.supported_tasks
+        if bad or not cfg.tasks:
+            raise ValueError(
+                f"{self.name} cannot train {sorted(bad) or 'no tasks'}; "
+                f"it knows {sorted(self.supported_tasks)}"
+            )
+        self.tasks: dict[str, float] = dict(cfg.tasks)
+        self.task_mode: str = cfg.task_mode
+        # Weight of a loss entry in the total beyond its task's weight (e.g. UNITER's WRA, which
+        # rides on ITM batches with λ = 0.1).
+        self.loss_weights: dict[str, float] = {}
+
+    @classmethod
+    def build(cls, size: str = "small", vocab_size: int = 30522, **overrides: Any) -> Self:
+        cfg = resolve_config(cls.sizes, size, vocab_size, overrides)
+        model = cls(cfg)
+        model.reset_parameters()
+        return model
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.cfg.init_std)
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    def active_tasks(self, batch: dict[str, Any]) -> list[str]:
+        """The tasks this batch trains: its `task` in sample mode, else all of them. A sample-mode
+        batch without `task` (a hand-made one) trains every task, like sum mode."""
+        if self.task_mode == "sample" and batch.get("task") is not None:
+            task = batch["task"]
+            if task not in self.supported_tasks:
+                raise ValueError(f"{self.name} cannot train task {task!r}")
+            return [task]
+        return list(self.tasks)
+
+    def compute_losses(self, batch: dict[str, Any], tasks: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """{"loss": weighted total, task name: that task's (unweighted) loss, …}."""
+        losses = self.compute_losses(batch, self.active_tasks(batch))
+        sample = self.task_mode == "sample" and batch.get("task") is not None
+        total = None
+        for k, v in losses.items():
+            # In sample mode the task weights were the sampling odds; they do not scale the loss.
+            w = self.loss_weights.get(k, 1.0) * (1.0 if sample else self.tasks.get(k, 1.0))
+            total = v * w if total is None else total + v * w
+        assert total is not None
+        return {"loss": total, **losses}
+
+
+def require(batch: dict[str, Any], keys: Iterable[str], task: str) -> None:
+    """A clear error naming the task when its batch lacks a key of the contract."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"task {task!r} needs batch keys {missing}")

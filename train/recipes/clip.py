@@ -1,0 +1,108 @@
+"""CLIP (Radford et al. 2021): a text transformer and an image tower (ViT or modified ResNet)
+trained by symmetric InfoNCE over the batch's similarity matrix with a learned, clamped
+temperature; negatives are gathered across ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vlforge.train.blocks import ModifiedResNet, VisionTransformer
+from vlforge.train.blocks.text_transformer import CausalTextTransformer
+from vlforge.train.losses import ContrastiveLoss
+from vlforge.train.recipes.base import Recipe, RecipeConfig, require
+from vlforge.train.recipes.registry import register_recipe
+
+
+@dataclass
+class ClipConfig(RecipeConfig):
+    tasks: dict[str, float] = field(default_factory=lambda: {"contrastive": 1.0})
+    task_mode: str = "sum"
+    embed_dim: int = 512
+    # text tower (ViT-B/32's)
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    text_mlp: int = 2048
+    max_len: int = 77
+    text_pool: str = "last"  # see blocks/text_transformer.py; converted OpenAI weights: argmax
+    eos_token_id: int | None = None
+    # image tower
+    vision: str = "vit"  # "vit" or "resnet"
+    image_size: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_mlp: int = 3072
+    resnet_layers: tuple[int, int, int, int] = (3, 4, 6, 3)  # RN50
+    resnet_width: int = 64
+    resnet_heads: int = 32
+    act: str = "quick_gelu"
+    eps: float = 1e-5
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+
+
+@register_recipe("clip")
+class Clip(Recipe):
+    name = "clip"
+    inputs = frozenset({"text", "pixels"})
+    supported_tasks = frozenset({"contrastive"})
+    sizes: ClassVar[dict[str, ClipConfig]] = {  # type: ignore[assignment]
+        "small": ClipConfig(
+            embed_dim=32,
+            text_width=32,
+            text_layers=2,
+            text_heads=2,
+            text_mlp=64,
+            max_len=64,
+            image_size=32,
+            patch_size=8,
+            vision_width=32,
+            vision_layers=2,
+            vision_heads=2,
+            vision_mlp=64,
+            resnet_layers=(1, 1, 1, 1),
+            resnet_width=8,
+            resnet_heads=2,
+        ),  # fmt: skip
+        "base": ClipConfig(),
+    }
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__(cfg)
+        self.cfg: ClipConfig = cfg
+        self.image_size = cfg.image_size
+        self.text = CausalTextTransformer(
+            cfg.vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.text_mlp,
+            cfg.embed_dim, cfg.max_len, cfg.act, cfg.eps, cfg.text_pool, cfg.eos_token_id,
+        )  # fmt: skip
+        self.image: nn.Module
+        if cfg.vision == "vit":
+            self.image = VisionTransformer(
+                cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
+                cfg.vision_heads, cfg.vision_mlp, cfg.embed_dim, cfg.act, cfg.eps,
+            )  # fmt: skip
+        elif cfg.vision == "resnet":
+            self.image = ModifiedResNet(
+                cfg.image_size, cfg.resnet_layers, cfg.resnet_width, cfg.resnet_heads,
+                cfg.embed_dim,
+            )  # fmt: skip
+        else:
+            raise ValueError(f"vision must be 'vit' or 'resnet', not {cfg.vision!r}")
+        self.contrastive = ContrastiveLoss(cfg.init_temperature, cfg.max_logit_scale)
+
+    def encode_text(self, batch: dict[str, Any]) -> torch.Tensor:
+        require(batch, ["input_ids"], "encode_text")
+        return self.text(batch["input_ids"], batch.get("attention_mask"))
+
+    def encode_image(self, batch: dict[str, Any]) -> torch.Tensor:
+        require(batch, ["pixel_values"], "encode_image")
+        return self.image(batch["pixel_values"])
+
+    def compute_losses(self, batch: dict[str, Any], tasks: list[str]) -> dict[str, torch.Tensor]:
+        return {"contrastive": self.contrastive(self.encode_image(batch), self.encode_text(batch))}
