@@ -1,24 +1,24 @@
-"""Shard I/O for mining: raw samples out of WebDataset tars, and tars back with mine.json added.
+"""Shard I/O for mining: listing and checking shards, and writing them back with mine.json added.
 
-Members are read as raw bytes through webdataset's tar iterators only (no decoders: its defaults
-unpickle), and written back byte for byte, so every earlier field survives a mining pass.
+The writer copies the input tar's bytes unchanged (positions from mine_tar's index), so every
+earlier field survives a mining pass bit for bit. read_samples (webdataset's tar iterators, no
+decoders: its defaults unpickle) is for readers of mined shards: the evaluation and tests.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from collections.abc import Iterator
 
-import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import webdataset as wds
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
 from vlforge.errors import UserError
 from vlforge.pipeline import storage
+from vlforge.pipeline.mine_tar import BLOCK, SampleIndex, end_of_archive, member_bytes
 
 # Same fixed member mtime as the corpus writer: reruns give byte-identical shards.
 _FIXED_MTIME = 1_700_000_000.0
@@ -64,95 +64,60 @@ def check_shard(path: str) -> None:
         raise UserError(f"{path}: not a readable WebDataset shard ({err})") from err
 
 
-def _json(data: bytes | None) -> dict | None:
-    if not data:
-        return None
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def light_record(sample: dict, shard: str) -> dict:
-    """The fields mining reads; the image and features stay in the shard."""
-    meta = _json(sample.get("json")) or {}
-    caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
-    return {
-        "key": sample["__key__"],
-        "shard": shard,
-        "caption": caption,
-        # Two samples of the same picture are never each other's negatives.
-        "image": str(meta.get("sha256") or sample["__key__"]),
-        "sg": _json(sample.get("sg.json")),
-        "tags": _json(sample.get("tags.json")),
-    }
-
-
-class ReadLightRecords(beam.DoFn):
-    """Shard path → light records (key, caption, scene graph, tags)."""
-
-    def __init__(self):
-        self.samples = Metrics.counter("mine", "samples_in")
-
-    def process(self, path: str):
-        for sample in read_samples(path):
-            if "txt" not in sample:
-                continue  # nothing to mine; the writer still copies it through
-            self.samples.inc()
-            yield light_record(sample, path)
-
-
 def output_path(shard: str, out_dir: str) -> str:
     return storage.join(out_dir, shard.rsplit("/", 1)[-1])
 
 
-class WriteMinedShard(beam.DoFn):
-    """(input shard path, {key: mine dict}) → the same shard in out_dir with mine.json added."""
+def write_mined_tar(
+    target: str, data: bytes, index: SampleIndex, payloads: dict[int, bytes], field: str
+) -> None:
+    """The input tar's bytes, unchanged, with a `field` member after each sample in `payloads`.
 
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
-        self.written = Metrics.counter("mine", "samples_out")
+    `payloads` maps a sample's position in `index` to its new member's bytes. A sample that
+    already has `field` (a shard mined before) has the old member left out, not duplicated.
+    """
+    view = memoryview(data)
+    with storage.atomic_writer(target) as handle:
+        cursor = written = 0
+        for i in sorted(payloads):
+            old = index.fields[i].get(field)
+            if old is not None:
+                body, size, header = old
+                handle.write(view[cursor:header])
+                written += header - cursor
+                cursor = body + -(-size // BLOCK) * BLOCK
+            end = int(index.end[i])
+            member = member_bytes(f"{index.keys[i]}.{field}", payloads[i], _FIXED_MTIME)
+            handle.write(view[cursor:end])
+            handle.write(member)
+            written += end - cursor + len(member)
+            cursor = end
+        handle.write(view[cursor : index.data_end])
+        written += index.data_end - cursor
+        handle.write(end_of_archive(written))
 
-    def process(self, element):
-        shard, mined = element
-        mined = dict(mined)
-        target = output_path(shard, self.out_dir)
-        counts = []
-        with storage.atomic_writer(target) as handle:
-            writer = wds.TarWriter(handle, mtime=_FIXED_MTIME, encoder=False)
-            for sample in read_samples(shard):
-                key = sample["__key__"]
-                out = dict(sample)
-                if key in mined:
-                    out[MINE_FIELD] = json.dumps(mined[key], sort_keys=True).encode()
-                writer.write(out)
-                counts.append(_counts(key, mined.get(key)))
-            writer.close()
-        self._write_stats(shard, target, counts)
-        self.written.inc(len(counts))
-        yield {"shard": target.rsplit("/", 1)[-1], "samples": len(counts)}
 
-    @staticmethod
-    def _write_stats(shard: str, target: str, counts: list[dict]) -> None:
-        """The sibling parquet, with the mining counts joined on as columns."""
-        source = shard[: -len(".tar")] + ".parquet"
-        dest = target[: -len(".tar")] + ".parquet"
-        extra = pa.Table.from_pylist(counts)
-        if storage.exists(source):
-            table = storage.read_parquet(source)
-            if "key" in table.column_names and table.num_rows:
-                by_key = {c["key"]: c for c in counts}
-                for name in ("n_hard_negatives", "n_positives", "n_image_positives", "n_rewrites"):
-                    values = [
-                        by_key.get(k, {}).get(name, 0) for k in table.column("key").to_pylist()
-                    ]
-                    if name in table.column_names:
-                        table = table.drop_columns([name])
-                    table = table.append_column(name, pa.array(values, pa.int32()))
-                storage.write_parquet(dest, table)
-                return
-        storage.write_parquet(dest, extra)
+def write_stats(
+    shard: str, target: str, keys: list[str], rows: np.ndarray, mines: list[dict]
+) -> list[dict]:
+    """The sibling parquet, with the mining counts joined on as columns; returns the counts."""
+    mined = dict(zip(rows.tolist(), mines, strict=True))
+    counts = [_counts(key, mined.get(i)) for i, key in enumerate(keys)]
+    source = shard[: -len(".tar")] + ".parquet"
+    dest = target[: -len(".tar")] + ".parquet"
+    if storage.exists(source):
+        table = storage.read_parquet(source)
+        if "key" in table.column_names and table.num_rows:
+            by_key = {c["key"]: c for c in counts}
+            for name in ("n_hard_negatives", "n_positives", "n_image_positives", "n_rewrites"):
+                values = [by_key.get(k, {}).get(name, 0) for k in table.column("key").to_pylist()]
+                if name in table.column_names:
+                    table = table.drop_columns([name])
+                table = table.append_column(name, pa.array(values, pa.int32()))
+            storage.write_parquet(dest, table)
+            return counts
+    storage.write_parquet(dest, pa.Table.from_pylist(counts) if counts else pa.table({}))
+    return counts
 
 
 def _counts(key: str, mine: dict | None) -> dict:

@@ -5,8 +5,10 @@ Index choice (knobs in NeighbourConfig):
 - at or above it: IndexIVFFlat with nlist = clamp(4 * sqrt(n), 16, 65536) lists and nprobe = 32.
   The IVF keeps full vectors (no PQ), so its only error is probing too few lists; on demo-world and
   caption-like data nprobe=32 of ~1,300 lists (n = 100k) gives recall@10 ≈ 0.99 against the flat
-  index (bench/bench_mine.py measures it on every run). k-means uses a fixed seed, so the index,
-  and every answer, is the same on each run for the same input order.
+  index (bench/bench_mine.py measures it on every run). k-means trains on `train_size` points per
+  list for `train_iterations` passes (faiss's 256 and 25 made training cost more than searching
+  at 1M vectors, for no measurable recall). It uses a fixed seed, so the index, and every
+  answer, is the same on each run for the same input order.
 - on a GPU when faiss was built with one (faiss-gpu): the same index moved with index_cpu_to_all_gpus.
 Queries run in batches of `batch_size` so memory stays bounded for any corpus size.
 """
@@ -29,7 +31,8 @@ class NeighbourConfig:
     batch_size: int = 4096
     use_gpu: bool = True  # only takes effect when faiss has GPUs
     seed: int = 1234
-    train_size: int = 256  # training vectors per list (faiss warns below 39)
+    train_size: int = 64  # training vectors per list (faiss warns below 39)
+    train_iterations: int = 10  # k-means passes; recall depends on nprobe far more than on these
 
 
 def gpu_count() -> int:
@@ -59,17 +62,41 @@ class NeighbourIndex:
             quantizer = faiss.IndexFlatIP(self.dim)
             index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = config.seed
+            # Training is k-means over nlist centroids: at 1M captions (4,000 lists) faiss's
+            # defaults (256 points per list, 25 passes) cost more than all the searching.
+            index.cp.niter = config.train_iterations
+            index.cp.max_points_per_centroid = config.train_size
             # Training on an evenly strided subset: deterministic and bounded in time.
             step = max(1, self.n // (nlist * config.train_size))
             index.train(vectors[::step])
             index.nprobe = min(config.nprobe, nlist)
             self.nlist = nlist
         index.add(vectors)
+        self._set(index)
+
+    def _set(self, index) -> None:
         self.on_gpu = False
-        if config.use_gpu and gpu_count() > 0:
+        if self.config.use_gpu and gpu_count() > 0:
             index = faiss.index_cpu_to_all_gpus(index)
             self.on_gpu = True
         self.index = index
+
+    def to_bytes(self) -> np.ndarray:
+        """The CPU index serialised (uint8), to ship one trained index to every worker."""
+        index = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
+        return faiss.serialize_index(index)
+
+    @classmethod
+    def from_bytes(
+        cls, data: np.ndarray, config: NeighbourConfig = NeighbourConfig()
+    ) -> NeighbourIndex:
+        index = faiss.deserialize_index(data)
+        self = cls.__new__(cls)
+        self.n, self.dim, self.config = index.ntotal, index.d, config
+        self.kind = "ivf" if isinstance(index, faiss.IndexIVF) else "flat"
+        self.nlist = int(index.nlist) if self.kind == "ivf" else None
+        self._set(index)
+        return self
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each len(queries) × k; missing neighbours have id -1 and score -inf."""

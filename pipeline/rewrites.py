@@ -211,9 +211,11 @@ class SlotVocabulary:
     def __init__(self, table: dict | None = None):
         self.table: dict = table or {kind: {} for kind in KINDS}
         self._names: dict[str, list[str]] = {}  # cached by names(); add() clears it
+        self._counts: dict[tuple[str, str], int] = {}  # cached by count(); add() clears it
 
     def add(self, kind: str, name: str, form: str, surface: str, count: int = 1) -> None:
         self._names.clear()
+        self._counts.clear()
         forms = self.table[kind].setdefault(name, {})
         surfaces = forms.setdefault(form, {})
         surfaces[surface] = surfaces.get(surface, 0) + count
@@ -235,7 +237,12 @@ class SlotVocabulary:
         return vocab
 
     def count(self, kind: str, name: str) -> int:
-        return sum(sum(s.values()) for s in self.table[kind].get(name, {}).values())
+        # Cached: rewriting weighs every option by its count, for every sample.
+        cached = self._counts.get((kind, name))
+        if cached is None:
+            forms = self.table[kind].get(name, {}).values()
+            cached = self._counts[(kind, name)] = sum(sum(s.values()) for s in forms)
+        return cached
 
     def names(self, kind: str) -> list[str]:
         """Values seen at least MIN_COUNT times, sorted (a deterministic order)."""
