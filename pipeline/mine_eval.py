@@ -40,9 +40,16 @@ SYMMETRIC_NEAR = frozenset({"near", "next to", "beside", "with"})
 # ---- is a caption true of an image? ---------------------------------------------------------
 
 
+def _image_graph(truth: dict) -> dict:
+    """Everything true of the image. The world's `image_graph` lists every object, attribute and
+    pairwise relation; `scene_graph` only what the caption mentions, which would call a negative
+    false when it names something present but unmentioned."""
+    return truth.get("image_graph") or truth.get("scene_graph") or {}
+
+
 def _truth_objects(truth: dict) -> list[dict]:
-    """World truth → [{"id", "name", "count", "attributes": set}] (scene graph, or per-box lists)."""
-    sg = truth.get("scene_graph") or {}
+    """World truth → [{"id", "name", "count", "attributes": set}] (image graph, or per-box lists)."""
+    sg = _image_graph(truth)
     objects = [
         {"id": o["id"], "name": o["name"], "count": int(o.get("count", 1)), "attributes": set()}
         for o in sg.get("objects", [])
@@ -64,7 +71,7 @@ def _truth_objects(truth: dict) -> list[dict]:
 
 def _truth_relations(truth: dict) -> set[tuple[int, str, int]]:
     rels = set()
-    for r in (truth.get("scene_graph") or {}).get("relations", []):
+    for r in _image_graph(truth).get("relations", []):
         rels.add((r["subject"], r["name"], r["object"]))
         if r["name"] in CONVERSE:
             rels.add((r["object"], CONVERSE[r["name"]], r["subject"]))
