@@ -11,13 +11,10 @@ to bench/results.md with the date and the machine.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import http.server
 import json
 import multiprocessing
-import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -29,6 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from results_table import record  # noqa: E402
+
 WORK = ROOT / "bench" / "work"
 
 
@@ -134,20 +134,13 @@ def main() -> None:
     print(f"img2dataset: {i2d_n} images in {i2d_s:.1f} s = {i2d_rate:.0f} img/s")
     print(f"vlforge    : {vl_n} images in {vl_s:.1f} s = {vl_rate:.0f} img/s")
     print(f"ratio vlforge / img2dataset = {ratio:.2f}x")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
-    line = (
-        f"| {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC | {machine} | corpus crawl | {args.n} loopback "
-        f"URLs, {args.processes} proc x {args.threads} threads, 256 px border | vlforge "
-        f"{vl_rate:.0f} img/s | img2dataset {i2d_rate:.0f} img/s | {ratio:.2f}x |"
+    record(
+        "corpus crawl",
+        f"{args.n} loopback URLs, {args.processes} proc x {args.threads} threads, 256 px border",
+        f"vlforge {vl_rate:.0f} img/s",
+        f"img2dataset {i2d_rate:.0f} img/s",
+        f"{ratio:.2f}x",
     )
-    results = ROOT / "bench" / "results.md"
-    if not results.exists():
-        results.write_text(
-            "# Benchmarks\n\n| date | machine | bench | setup | ours | peer | ratio |\n"
-            "|---|---|---|---|---|---|---|\n"
-        )
-    with results.open("a") as handle:
-        handle.write(line + "\n")
     print(json.dumps({"vlforge_img_s": vl_rate, "img2dataset_img_s": i2d_rate, "ratio": ratio}))
 
 

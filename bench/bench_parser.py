@@ -11,15 +11,16 @@ bench/results.md with the date and the machine.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import random
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from results_table import record  # noqa: E402
+
 WEB_CAPTIONS = ROOT / "tests" / "data" / "sg_web_captions.jsonl"
 
 
@@ -68,20 +69,13 @@ def main() -> None:
     print(f"parse one by one       : {single_s:.1f} s = {single_rate:.0f} captions/s")
     print(f"ratio parse_many / parse = {ratio:.2f}x")
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
-    line = (
-        f"| {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC | {machine} | scene-graph parser | "
-        f"{len(captions)} {source}, en_core_web_sm, batch {args.batch_size} | parse_many "
-        f"{batched_rate:.0f} captions/s | parse {single_rate:.0f} captions/s | {ratio:.2f}x |"
+    record(
+        "scene-graph parser",
+        f"{len(captions)} {source}, en_core_web_sm, batch {args.batch_size}",
+        f"parse_many {batched_rate:.0f} captions/s",
+        f"parse {single_rate:.0f} captions/s",
+        f"{ratio:.2f}x",
     )
-    results = ROOT / "bench" / "results.md"
-    if not results.exists():
-        results.write_text(
-            "# Benchmarks\n\n| date | machine | bench | setup | ours | peer | ratio |\n"
-            "|---|---|---|---|---|---|---|\n"
-        )
-    with results.open("a") as handle:
-        handle.write(line + "\n")
 
 
 if __name__ == "__main__":
