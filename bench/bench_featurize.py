@@ -11,7 +11,7 @@ On CPU the tiny detector is compute-bound (RoIAlign over 300 proposals, the box 
 batching alone gains little at one thread; the stage's speed-up comes from Beam's workers. Keep
 torch at one thread per process on a shared machine: two OpenMP threads stall at every barrier.
 
-    python bench/bench_featurize.py [--n 256] [--batch-size 8] [--workers 2] [--weights PATH]
+    python bench/bench_featurize.py [--n 512] [--batch-size 8] [--workers 2] [--weights PATH]
 
 Without --weights a randomly initialised demo detector is used: speed does not depend on what
 the weights learned (the 10..100 box rule caps the work either way).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
@@ -37,17 +38,24 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, load ~{load:.1f} (shared)"
 
 
-def run_stage(samples: list, weights: str, args: argparse.Namespace, workers: int) -> float:
+def run_stage(shards: list[str], weights: str, args: argparse.Namespace, workers: int) -> float:
     import apache_beam as beam
 
     from vlforge.featurize.beam_stage import FeaturizeRegions
+    from vlforge.featurize.shards import read_raw_samples
     from vlforge.pipeline.beam_options import build_options
+
+    def read(path: str):
+        for sample in read_raw_samples(path):
+            yield sample["__key__"], sample
 
     started = time.perf_counter()
     with beam.Pipeline(options=build_options([], workers)) as pipeline:
         _ = (
             pipeline
-            | beam.Create(samples)
+            | beam.Create(shards)
+            | beam.Reshuffle()  # spread shards over the workers
+            | beam.FlatMap(read)
             | FeaturizeRegions(weights, batch_size=args.batch_size, threads=args.threads)
             | beam.combiners.Count.Globally()
         )
@@ -57,7 +65,8 @@ def run_stage(samples: list, weights: str, args: argparse.Namespace, workers: in
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -69,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlforge.featurize.detector import build_detector, load_detector, save_detector
     from vlforge.featurize.regions import RegionExtractor, decode_image
-    from vlforge.featurize.shards import npy_bytes
+    from vlforge.featurize.shards import npy_bytes, read_raw_samples, write_shard
     from vlforge.featurize.tags import object_tags
     from vlforge.featurize.train_detector import CLASS_NAMES, world_example
+
+    def world_sample(i: int) -> dict:
+        ex = world_example(21, i)
+        return {"__key__": ex.key, "jpg": ex.jpg, "txt": "a caption", "json": "{}"}
 
     torch.set_num_threads(args.threads)
     weights = args.weights
@@ -82,19 +95,24 @@ def main(argv: list[str] | None = None) -> int:
         from vlforge.featurize.detector import DetectorConfig
 
         save_detector(build_detector(CLASS_NAMES), weights, CLASS_NAMES, DetectorConfig())
-    samples = []
-    for i in range(args.n):
-        ex = world_example(21, i)
-        samples.append(
-            (ex.key, {"__key__": ex.key, "jpg": ex.jpg, "txt": b"a caption", "json": b"{}"})
-        )
+    # Shards as the corpus writes them; both sides read them (Beam would otherwise pickle and
+    # bz2-compress in-memory inputs into the pipeline graph, a cost no real run pays).
+    shard_dir = WORK / "in"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    shards = []
+    per_shard = math.ceil(args.n / args.shards)
+    for s in range(args.shards):
+        path = str(shard_dir / f"bench-{s:06d}.tar")
+        rows = range(s * per_shard, min(args.n, (s + 1) * per_shard))
+        write_shard(path, [world_sample(i) for i in rows])
+        shards.append(path)
 
     # Plain loop: one image per forward, the same model file, the same outputs.
     started = time.perf_counter()
     model, meta = load_detector(weights)
     extractor = RegionExtractor(model, meta["class_names"])
     regions_loop = 0
-    for _, sample in samples:
+    for sample in (x for path in shards for x in read_raw_samples(path)):
         image, reason = decode_image(sample["jpg"])
         (regions,) = extractor.extract([image], [reason])
         encoded = (npy_bytes(regions.boxes), npy_bytes(regions.feats), npy_bytes(regions.cls_prob))
@@ -104,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The stage: RunInference batches through the ModelHandler; once with the same single
     # worker as the loop, once with Beam's own parallelism (DirectRunner processes).
-    stage_s = {workers: run_stage(samples, weights, args, workers) for workers in (1, args.workers)}
+    stage_s = {workers: run_stage(shards, weights, args, workers) for workers in (1, args.workers)}
 
     loop_rate = args.n / loop_s
     rates = {w: args.n / s for w, s in stage_s.items()}
@@ -119,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_record:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         setup = (
-            f"{args.n} demo-world 256 px jpgs, {meta.get('backbone')} Faster R-CNN, "
+            f"{args.n} demo-world 256 px jpgs in {args.shards} shards, {meta.get('backbone')} Faster R-CNN, "
             f"{args.threads} torch thread(s), decode + regions + npy/tags encode"
         )
         line = (
