@@ -78,6 +78,9 @@ def run_vlforge(urls: Path, out: Path, processes: int, threads: int) -> tuple[fl
         "--workers", str(processes), "--threads", str(threads), "--allow-private", "127.0.0.0/8",
         "--image-size", "256", "--resize-mode", "border", "--timeout", "10", "--retries", "0",
         "--no-progress", "--chunk-size", "1000",
+        # img2dataset has no per-host cap; ours (16 by default) would halve concurrency against
+        # the one loopback host, so it is set to the thread count for a like-for-like run.
+        "--per-host", str(threads),
     ]  # fmt: skip
     started = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -103,7 +103,7 @@ class CrawlChunk(beam.DoFn):
         if not storage.exists(path):
             rows = storage.read_parquet(self.plan.input_path(chunk)).to_pylist()
             table = pa.Table.from_pylist(self._crawl_rows(rows), schema=CHECKPOINT_SCHEMA)
-            storage.write_parquet(path, table)
+            storage.write_parquet(path, table, uncompressed=("jpg",))
             self.chunks_fetched.inc()
         elif self.settings.retry_failed:
             table = self._retry(chunk, storage.read_parquet(path))
@@ -124,7 +124,7 @@ class CrawlChunk(beam.DoFn):
         for i, new in zip(again, redone, strict=True):
             rows[i] = new
         table = pa.Table.from_pylist(rows, schema=CHECKPOINT_SCHEMA)
-        storage.write_parquet(self.plan.fetched_path(chunk), table)
+        storage.write_parquet(self.plan.fetched_path(chunk), table, uncompressed=("jpg",))
         self.chunks_fetched.inc()
         return table
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
 
@@ -86,11 +87,13 @@ class MarkNearDuplicates(beam.PTransform):
 
         def earlier_twins(group):
             rows = sorted(set(group[1]))
-            for j, (row_j, hash_j) in enumerate(rows):
-                for row_i, hash_i in rows[:j]:
-                    if hamming(hash_i, hash_j) <= max_distance:
-                        yield row_j, row_i
-                        break
+            ids = np.array([r for r, _ in rows], dtype=np.int64)
+            hashes = np.array([int(h, 16) for _, h in rows], dtype=np.uint64)
+            # All pairs of the bucket at once: popcount of XOR (vectorized; buckets are small).
+            distances = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+            close = np.tril(distances <= max_distance, k=-1)  # only rows earlier than each row
+            for j in np.flatnonzero(close.any(axis=1)):
+                yield int(ids[j]), int(ids[np.argmax(close[j])])
 
         dropped = (
             candidates

@@ -9,7 +9,7 @@ from vlforge.errors import UserError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from vlforge.pipeline.mine_stage import MineConfig
+    from vlforge.pipeline.mine_config import MineConfig
     from vlforge.pipeline.neighbours import NeighbourConfig
 
     d, n = MineConfig(), NeighbourConfig()
@@ -51,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from vlforge.pipeline.mine_stage import MineConfig
+    from vlforge.pipeline.mine_config import MineConfig
     from vlforge.pipeline.neighbours import NeighbourConfig
 
     for name in ("ivf_threshold", "nprobe", "workers"):

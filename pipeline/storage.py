@@ -90,9 +90,11 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path))
 
 
-def write_parquet(path: str, table: pa.Table) -> None:
+def write_parquet(path: str, table: pa.Table, uncompressed: tuple[str, ...] = ()) -> None:
+    """zstd for every column except `uncompressed` ones (JPEG bytes do not shrink further)."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    codec = {name: ("none" if name in uncompressed else "zstd") for name in table.column_names}
+    pq.write_table(table, buffer, compression=codec)
     write_bytes(path, buffer.getvalue())
 
 
