@@ -57,7 +57,16 @@ class _Metrics:
         self.data: dict = {"seed": seed, "n": n, "stages": {}}
 
     def add(self, stage: str, figures: dict, seconds: float) -> None:
-        self.data.update({k: v for k, v in figures.items() if not isinstance(v, dict)})
+        # Named figures (detector_map50, neg_false_rate, ...) also go to the top level; generic
+        # counts stay in their stage so one stage's `samples` never overwrites another's.
+        generic = {"n", "seed", "samples", "queries", "seconds"}
+        self.data.update(
+            {
+                k: v
+                for k, v in figures.items()
+                if k not in generic and not isinstance(v, dict | list)
+            }
+        )
         self.data["stages"][stage] = {"seconds": round(seconds, 1), **figures}
         self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
 
@@ -142,8 +151,14 @@ def _featurize(out: Path, args: argparse.Namespace) -> dict:
         "featurize", "--in", str(out / "corpus"), "--out", str(out / "featurized"),
         "--weights", str(weights), "--workers", str(args.workers),
     )  # fmt: skip
-    detector = json.loads(Path(str(weights) + ".json").read_text())
-    figures = {"detector_map50": detector.get("eval", {}).get("map50")}
+    training = json.loads(Path(str(weights) + ".json").read_text()).get("training", {})
+    held_out = training.get("eval", {})
+    figures = {
+        "detector_map50": held_out.get("map50"),
+        "detector_eval_images": held_out.get("n"),
+        "detector_eval_seed": held_out.get("seed"),
+        "detector_train_s": training.get("train_s"),
+    }
     figures.update(_parser_figures(out))
     return figures
 
