@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -63,5 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script. After the command has finished and every stream is flushed, the
+    process ends with os._exit: with torch 2.14 and pyarrow 25 both loaded, the normal
+    interpreter teardown aborts ("terminate called without an active exception", SIGABRT) in
+    most runs, which would turn a clean exit code into -6. Nothing is left to run by then."""
+    code = 1
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse --help / usage errors
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
