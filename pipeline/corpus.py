@@ -27,7 +27,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from vlforge import __version__
 from vlforge.errors import UserError
 from vlforge.pipeline import progress, storage
 from vlforge.pipeline.beam_options import assemble_options, build_options, is_local
@@ -38,6 +37,7 @@ from vlforge.pipeline.funnel import funnel_counts
 from vlforge.pipeline.input_lists import read_rows
 from vlforge.pipeline.shard_writer import AssignShards, WriteShard
 from vlforge.pipeline.work_plan import WorkPlan, normalize_rows, prepare
+from vlforge.versions import package_versions
 
 STATS_COLUMNS = [
     ("row_id", pa.int64()),
@@ -274,15 +274,9 @@ def _counter_values(results: list) -> dict[str, int]:
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"vlforge": __version__, "python": platform.python_version()}
-    for dist in ("apache-beam", "webdataset", "img2dataset", "pyarrow", "imagehash", "py3langid"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = "missing"
-    return versions
+    return package_versions(
+        "apache-beam", "webdataset", "img2dataset", "pyarrow", "imagehash", "py3langid"
+    )
 
 
 def _manifest(

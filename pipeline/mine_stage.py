@@ -30,12 +30,12 @@ from dataclasses import asdict
 import apache_beam as beam
 from tqdm import tqdm
 
-from vlforge import __version__
 from vlforge.errors import UserError
 from vlforge.pipeline import progress, storage
 from vlforge.pipeline.mine_config import MineConfig, check_config
 from vlforge.pipeline.mine_scan import normalize_text, tag_text
 from vlforge.pipeline.rewrites import attribute_category
+from vlforge.versions import package_versions
 
 __all__ = ["MineConfig", "MineShards", "certainly_false", "normalize_text", "run_mine", "tag_text"]
 
@@ -165,15 +165,9 @@ class MineShards(beam.PTransform):
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"vlforge": __version__, "python": platform.python_version()}
-    for dist in ("apache-beam", "webdataset", "scikit-learn", "faiss-cpu", "numpy", "scipy"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = "missing"
-    return versions
+    return package_versions(
+        "apache-beam", "webdataset", "scikit-learn", "faiss-cpu", "numpy", "scipy"
+    )
 
 
 class _Progress:
