@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -207,6 +208,7 @@ def _train(out: Path, args: argparse.Namespace) -> dict:
     train_shards = [s for s in shards if s != eval_shard]
     train_pattern = "::".join(str(s) for s in train_shards)
     run_dir = out / "train"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own run: each demo trains afresh
     _vlforge(
         "train", "--recipe", "uniter", "--shards", train_pattern, "--out", str(run_dir),
         "--steps", str(args.train_steps), "--batch-size", "32", "--lr", "1e-3", "--warmup", "100",
