@@ -31,6 +31,27 @@ class RecipeConfig:
     init_std: float = 0.02
 
 
+@dataclass
+class RegionTextConfig(RecipeConfig):
+    """What every BERT-based region recipe shares: a BERT-base text side and detector regions
+    (2048-d Visual Genome features, 1600 classes + background). Recipes override what differs."""
+
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp: int = 3072
+    max_len: int = 512
+    type_vocab: int = 2
+    act: str = "gelu"
+    eps: float = 1e-12
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    pad_id: int = 0
+    region_dim: int = 2048
+    geometry: int = 0
+    num_region_classes: int = 1601
+
+
 def resolve_config(sizes: dict[str, C], size: str, vocab_size: int, overrides: dict[str, Any]) -> C:
     """The named size's config with `vocab_size` and overrides applied (lists become tuples
     where the field is a tuple, since CLI overrides arrive as JSON)."""

@@ -36,32 +36,19 @@ from vlforge.train.losses import (
     optimal_transport_distance,
     wra_loss,
 )
-from vlforge.train.recipes.base import Recipe, RecipeConfig, require
+from vlforge.train.recipes.base import Recipe, RegionTextConfig, require
 from vlforge.train.recipes.registry import register_recipe
 
 REGION_TASKS = ("mrfr", "mrc", "mrc_kl")
 
 
 @dataclass
-class UniterConfig(RecipeConfig):
+class UniterConfig(RegionTextConfig):
     tasks: dict[str, float] = field(
         default_factory=lambda: {"mlm": 2.0, "mrfr": 2.0, "mrc_kl": 1.0, "itm": 1.0}
     )
     task_mode: str = "sample"
-    hidden: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp: int = 3072
-    max_len: int = 512
-    type_vocab: int = 2
-    act: str = "gelu"
-    eps: float = 1e-12
-    dropout: float = 0.1
-    attn_dropout: float = 0.1
-    pad_id: int = 0
-    region_dim: int = 2048
     geometry: int = 7
-    num_region_classes: int = 1601
     ot_weight: float = 0.1  # UNITER's itm_ot_lambda: WRA on every ITM batch; 0 turns it off
     ot_beta: float = 0.5
     ot_iterations: int = 50

@@ -35,18 +35,14 @@ from vlforge.train.losses import (
     mrc_kl_loss,
     mrc_loss,
 )
-from vlforge.train.recipes.base import Recipe, RecipeConfig, require
+from vlforge.train.recipes.base import Recipe, RegionTextConfig, require
 from vlforge.train.recipes.registry import register_recipe
 
 
 @dataclass
-class VilbertConfig(RecipeConfig):
+class VilbertConfig(RegionTextConfig):
     tasks: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "mrc_kl": 1.0, "itm": 1.0})
     task_mode: str = "sum"
-    hidden: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp: int = 3072
     v_hidden: int = 1024
     v_layers: int = 6
     v_heads: int = 8
@@ -57,16 +53,7 @@ class VilbertConfig(RecipeConfig):
     # t_biattention_id / v_biattention_id): the base model co-attends over the top 6 text layers.
     t_co: tuple[int, ...] = (6, 7, 8, 9, 10, 11)
     v_co: tuple[int, ...] = (0, 1, 2, 3, 4, 5)
-    max_len: int = 512
-    type_vocab: int = 2
-    act: str = "gelu"
-    eps: float = 1e-12
-    dropout: float = 0.1
-    attn_dropout: float = 0.1
-    pad_id: int = 0
-    region_dim: int = 2048
     geometry: int = 5
-    num_region_classes: int = 1601
 
 
 @register_recipe("vilbert")
