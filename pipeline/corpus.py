@@ -30,7 +30,13 @@ from tqdm import tqdm
 from vlforge.errors import UserError
 from vlforge.pipeline import progress, storage
 from vlforge.pipeline.beam_options import assemble_options, build_options, is_local
-from vlforge.pipeline.crawl_stage import CrawlChunk, CrawlSettings, ReadChunkRecords
+from vlforge.pipeline.crawl_stage import (
+    CHECKPOINT_SCHEMA,
+    RECORD_FIELDS,
+    CrawlChunk,
+    CrawlSettings,
+    ReadChunkRecords,
+)
 from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates
 from vlforge.pipeline.filters import caption_key
 from vlforge.pipeline.funnel import funnel_counts
@@ -39,29 +45,11 @@ from vlforge.pipeline.shard_writer import AssignShards, WriteShard
 from vlforge.pipeline.work_plan import WorkPlan, normalize_rows, prepare
 from vlforge.versions import package_versions
 
-STATS_COLUMNS = [
-    ("row_id", pa.int64()),
-    ("key", pa.string()),
-    ("url", pa.string()),
-    ("status", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("http_status", pa.int32()),
-    ("attempts", pa.int32()),
-    ("shard", pa.string()),
-    ("caption", pa.string()),
-    ("source", pa.string()),
-    ("language", pa.string()),
-    ("language_score", pa.float32()),
-    ("original_width", pa.int32()),
-    ("original_height", pa.int32()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("sha256", pa.string()),
-    ("phash", pa.string()),
-    ("fetch_ms", pa.float32()),
-]
-STATS_SCHEMA = pa.schema(STATS_COLUMNS)
+# One row per input row: the checkpoint's record columns (no image bytes, no raw extra
+# columns) plus the shard a kept sample went to.
+STATS_SCHEMA = pa.schema(
+    [f for f in CHECKPOINT_SCHEMA if f.name in RECORD_FIELDS] + [pa.field("shard", pa.string())]
+)
 
 
 @dataclass
@@ -82,7 +70,7 @@ class CorpusConfig:
 
 def _write_stats(records: list[dict], path: str) -> int:
     records = sorted(records, key=lambda r: r["row_id"])
-    columns = {name: [r.get(name) for r in records] for name, _ in STATS_COLUMNS}
+    columns = {name: [r.get(name) for r in records] for name in STATS_SCHEMA.names}
     storage.write_parquet(path, pa.table(columns, schema=STATS_SCHEMA))
     return len(records)
 
