@@ -1,4 +1,5 @@
-"""Oscar object tags from a region set: detected class names, each once, with its best score.
+"""Oscar object tags from a region set: detected class names, each once, with its best score
+and how many regions reached the threshold for it (`count`).
 
 A region's class is its best foreground class (`1 + argmax(cls_prob[:, 1:])`, background at
 column 0). A class becomes a tag when some region reaches `min_score` for it, the same threshold
@@ -28,6 +29,7 @@ def object_tags(
 ) -> dict:
     """The `tags.json` content: tags sorted by score (then name), highest first."""
     best: dict[str, tuple[float, int]] = {}
+    counts: dict[str, int] = {}
     if len(regions):
         probs = regions.cls_prob.astype(np.float32)
         foreground = probs[:, BACKGROUND_COLUMN + 1 :]
@@ -35,7 +37,12 @@ def object_tags(
         scores = foreground.max(axis=1)
         for row, (cls, score) in enumerate(zip(classes.tolist(), scores.tolist(), strict=True)):
             name = class_names[cls]
-            if score >= min_score and score > best.get(name, (-1.0, -1))[0]:
+            if score < min_score:
+                continue
+            # Regions already went through per-class NMS, so each one is a distinct instance:
+            # the count lets a filter tell "two squares" from "a square" after deduplication.
+            counts[name] = counts.get(name, 0) + 1
+            if score > best.get(name, (-1.0, -1))[0]:
                 best[name] = (score, row)
     tags = []
     for name, (score, row) in sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0])):
@@ -43,6 +50,7 @@ def object_tags(
             {
                 "name": name,
                 "score": round(float(score), 4),
+                "count": counts[name],
                 "attributes": _attributes(regions, row, attribute_names),
             }
         )

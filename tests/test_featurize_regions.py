@@ -230,6 +230,7 @@ def test_tags_dedup_keep_max_and_skip_background():
         ("circle", pytest.approx(0.9, abs=1e-3)),
         ("square", pytest.approx(0.25, abs=1e-3)),
     ]
+    assert [t["count"] for t in tags["tags"]] == [2, 1]  # instances that reached the threshold
     assert all(t["attributes"] == [] for t in tags["tags"])
     assert tags["has_attributes"] is False
     assert tag_text(tags) == "circle square"
