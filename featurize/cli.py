@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--workers", type=int, default=1, help="DirectRunner processes")
     t = p.add_argument_group("train-detector")
     t.add_argument("--n-train", type=int, default=1600, help="world images to train on")
-    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--train-batch-size", type=int, default=8)
@@ -49,6 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--eval-n", type=int, default=200, help="held-out world images for mAP")
     t.add_argument("--eval-seed", type=int, default=None, help="default: seed + 1000")
+    t.add_argument(
+        "--no-attributes",
+        dest="attributes",
+        action="store_false",
+        help="train without the colour/size attribute head (class-only features)",
+    )
     p.set_defaults(func=run, accepts_extra_args=True)
 
 
@@ -109,12 +115,9 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.train_threads,
         eval_n=args.eval_n,
         eval_seed=args.eval_seed,
+        with_attributes=args.attributes,
         log=log,
     )
-    sys.stdout.write(
-        json.dumps(
-            {"out": args.out, "map50": report["eval"]["map50"], "train_s": report["train_s"]}
-        )
-        + "\n"
-    )
+    sys.stdout.write(json.dumps({"out": args.out, **report["eval"], "train_s": report["train_s"]}))
+    sys.stdout.write("\n")
     return 0

@@ -21,14 +21,16 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from vlforge.errors import UserError
+from vlforge.featurize.attribute_head import NO_ATTRIBUTE, attach_attribute_head
 from vlforge.pipeline import storage
 
 BACKGROUND = "__background__"  # class 0, as in torchvision's COCO category list
@@ -64,11 +66,19 @@ class DetectorConfig:
     rpn_pre_nms_top_n_test: int = 600
     rpn_post_nms_top_n_test: int = 300
     box_batch_size_per_image: int = 128
+    attribute_hidden: int = 256  # width of the attribute head, when the detector has one
+    attribute_loss_weight: float = 0.5  # bottom-up-attention's weight for the attribute loss
+    # Share of the attribute loss's gradient that reaches the backbone (the box head always gets
+    # all of it). Measured on the demo world, 400 steps, with the colour skip: 1.0 → mAP@0.5 0.63,
+    # colour 1.00; 0.1 → 0.88, 0.99; 0.03 and 0 → colour still near chance at 225 steps.
+    attribute_backbone_grad: float = 0.1
+    colour_skip: bool = True  # tiny_fpn: average-pooled RGB concatenated to each level it returns
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DetectorConfig:
         known = {f.name for f in fields(cls)}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        values.setdefault("colour_skip", False)  # weights written before the skip existed
         return cls(**values)
 
     @classmethod
@@ -116,12 +126,44 @@ class TinyConvNet(nn.Module):
         return x
 
 
+class TinyFPNBackbone(nn.Module):
+    """TinyConvNet + FPN over strides 8, 16, 32 (+ max-pooled 64), optionally with a colour skip.
+
+    The world's smallest shapes are ~19 px after the corpus resize, so a stride-4 level would cost
+    most of the compute for little gain. The colour skip concatenates the image, average-pooled to
+    each level's size, to that level before the FPN: a backbone this small, trained from scratch,
+    otherwise spends its channels on shape and pools colour away, and an attribute head that
+    forces colour back in costs detection accuracy (measured without the skip, 400 steps: mAP@0.5
+    0.92 with the head's gradient kept out of the backbone, but colour accuracy 0.12; 0.51 with
+    it let in, colour 1.00).
+    State-dict keys match torchvision's BackboneWithFPN (`body.*`, `fpn.*`).
+    """
+
+    def __init__(self, fpn_channels: int, colour_skip: bool) -> None:
+        super().__init__()
+        self.body = TinyConvNet()
+        self.colour_skip = colour_skip
+        extra = 3 if colour_skip else 0
+        self.fpn = FeaturePyramidNetwork(
+            [c + extra for c in TinyConvNet.channels[2:]], fpn_channels, LastLevelMaxPool()
+        )
+        self.out_channels = fpn_channels
+
+    def forward(self, image: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        body = self.body
+        x = body.layer1(body.stem(image))
+        levels: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name, layer in (("0", body.layer2), ("1", body.layer3), ("2", body.layer4)):
+            x = layer(x)
+            if self.colour_skip:
+                levels[name] = torch.cat([x, F.adaptive_avg_pool2d(image, x.shape[-2:])], dim=1)
+            else:
+                levels[name] = x
+        return self.fpn(levels)
+
+
 def _tiny_detector(num_classes: int, config: DetectorConfig) -> FasterRCNN:
-    body = TinyConvNet()
-    # Strides 8, 16, 32 (+ max-pooled 64): the world's smallest shapes are ~19 px after the
-    # corpus resize, so a stride-4 level would cost most of the compute for little gain.
-    returned = {"layer2": "0", "layer3": "1", "layer4": "2"}
-    backbone = BackboneWithFPN(body, returned, list(TinyConvNet.channels[2:]), config.fpn_channels)
+    backbone = TinyFPNBackbone(config.fpn_channels, config.colour_skip)
     anchors = AnchorGenerator(
         sizes=tuple((s,) for s in config.anchor_sizes),
         aspect_ratios=(tuple(config.aspect_ratios),) * len(config.anchor_sizes),
@@ -150,11 +192,34 @@ def _torchvision_detection():
     return detection
 
 
-def build_detector(class_names: list[str], config: DetectorConfig | None = None) -> FasterRCNN:
-    """A randomly initialised detector for `class_names` (index 0 must be the background)."""
+def build_detector(
+    class_names: list[str],
+    config: DetectorConfig | None = None,
+    attribute_names: list[str] | None = None,
+) -> FasterRCNN:
+    """A randomly initialised detector for `class_names` (index 0 must be the background), with
+    a bottom-up-attention attribute head when `attribute_names` is given (index 0 must be
+    "no attribute")."""
     config = config or DetectorConfig()
     if not class_names or class_names[0] != BACKGROUND:
         raise ValueError(f"class_names[0] must be {BACKGROUND!r}")
+    if attribute_names is not None and (not attribute_names or attribute_names[0] != NO_ATTRIBUTE):
+        raise ValueError(f"attribute_names[0] must be {NO_ATTRIBUTE!r}")
+    model = _build_plain(class_names, config)
+    if attribute_names is not None:
+        attach_attribute_head(
+            model,
+            len(class_names),
+            len(attribute_names),
+            feature_dim(model),
+            config.attribute_hidden,
+            config.attribute_loss_weight,
+            config.attribute_backbone_grad,
+        )
+    return model
+
+
+def _build_plain(class_names: list[str], config: DetectorConfig) -> FasterRCNN:
     if config.backbone == "tiny_fpn":
         return _tiny_detector(len(class_names), config)
     if config.backbone in _PUBLISHED:
@@ -211,7 +276,12 @@ def sidecar_path(path: str) -> str:
 
 
 def save_detector(
-    model: nn.Module, path: str, class_names: list[str], config: DetectorConfig, **extra: Any
+    model: nn.Module,
+    path: str,
+    class_names: list[str],
+    config: DetectorConfig,
+    attribute_names: list[str] | None = None,
+    **extra: Any,
 ) -> dict:
     """Write the state_dict to `path` and the metadata to `path.json`, each atomically.
 
@@ -225,6 +295,7 @@ def save_detector(
         "format": FORMAT,
         "backbone": config.backbone,
         "class_names": list(class_names),
+        **({"attribute_names": list(attribute_names)} if attribute_names else {}),
         "config": _config_json(config),
         "weights_sha256": hashlib.sha256(data).hexdigest(),
         **extra,
@@ -259,7 +330,8 @@ def load_detector(path: str) -> tuple[FasterRCNN, dict]:
     if meta.get("weights_sha256") not in (None, hashlib.sha256(data).hexdigest()):
         raise UserError(f"{path} does not match the checksum in {sidecar_path(path)}")
     config = DetectorConfig.from_dict(meta["config"])
-    model = build_detector(list(meta["class_names"]), config)
+    attributes = meta.get("attribute_names")
+    model = build_detector(list(meta["class_names"]), config, attributes and list(attributes))
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         model.load_state_dict(state)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
 
 
@@ -111,3 +112,45 @@ def map50(
     ]
     aps = per_class_ap(detect(model, images, batch_size), truth_np, num_classes)
     return float(np.mean(list(aps.values()))) if aps else float("nan")
+
+
+@torch.inference_mode()
+def attribute_accuracy(
+    model: FasterRCNN,
+    images: Sequence[np.ndarray],
+    truth: Sequence[dict],
+    columns: Sequence[int],
+    batch_size: int = 8,
+) -> float:
+    """Share of true objects whose best attribute among `columns` (one group, e.g. the colours)
+    is their true one, reading the attribute head at the true box with the true class — the
+    head's own accuracy, apart from detection misses. `truth` dicts carry `boxes`, `labels` and
+    `attributes` (K×A multi-hot)."""
+    model.eval()
+    heads = model.roi_heads
+    cols = torch.as_tensor(list(columns))
+    hits = total = 0
+    for start in range(0, len(images), batch_size):
+        chunk = [
+            torch.from_numpy(np.array(a)).permute(2, 0, 1).float().div_(255.0)
+            for a in images[start : start + batch_size]
+        ]
+        gts = truth[start : start + batch_size]
+        image_list, _ = model.transform(chunk)
+        features = model.backbone(image_list.tensors)
+        boxes = [
+            resize_boxes(
+                torch.as_tensor(np.asarray(t["boxes"], np.float32)).reshape(-1, 4),
+                tuple(img.shape[-2:]),
+                tuple(size),
+            )
+            for t, img, size in zip(gts, chunk, image_list.image_sizes, strict=True)
+        ]
+        pooled = heads.box_head(heads.box_roi_pool(features, boxes, image_list.image_sizes))
+        labels = torch.cat([torch.as_tensor(np.asarray(t["labels"])) for t in gts]).long()
+        wanted = torch.cat([torch.as_tensor(np.asarray(t["attributes"])) for t in gts])[:, cols]
+        logits = heads.attribute_head(pooled, labels)[:, cols]
+        known = wanted.sum(dim=1) > 0  # objects with an attribute of this group
+        hits += int((wanted[known].argmax(dim=1) == logits[known].argmax(dim=1)).sum())
+        total += int(known.sum())
+    return hits / total if total else float("nan")

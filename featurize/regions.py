@@ -4,7 +4,8 @@ torchvision has no per-box feature API, so extraction walks the model by hand:
 transform → backbone → RPN proposals → box head → per-class boxes and scores → per-class NMS
 (IoU 0.3) → keep boxes whose best foreground score ≥ 0.2, clamped to 10..100 → pool the kept boxes
 again (`box_roi_pool` + `box_head`, boxes in the transformed image's coordinates) → features and a
-class distribution that describe exactly those boxes.
+class distribution (and attribute distribution, when the detector has an attribute head) that
+describe exactly those boxes.
 
 `cls_prob` keeps the background column at index 0 (torchvision's and bottom-up-attention's layout):
 the best foreground class of row i is `1 + argmax(cls_prob[i, 1:])`, and `class_names[0]` is the
@@ -197,6 +198,10 @@ class RegionExtractor:
         # feats and cls_prob (the MRC-KL target) describe the same region.
         pooled = heads.box_head(heads.box_roi_pool(features, chosen, sizes))
         cls_prob = F.softmax(heads.box_predictor(pooled)[0], dim=-1)
+        attribute_head = getattr(heads, "attribute_head", None)
+        attr_prob = (
+            attribute_head.probabilities(pooled, cls_prob) if attribute_head is not None else None
+        )
         out: list[RegionSet] = []
         start = 0
         for boxes, conf, size, (h, w) in zip(chosen, confs, sizes, originals, strict=True):
@@ -216,6 +221,9 @@ class RegionExtractor:
                     width=w,
                     height=h,
                     scores=conf.numpy().astype(np.float32),
+                    attr_prob=None
+                    if attr_prob is None
+                    else attr_prob[start : start + n].numpy().astype(np.float16),
                 )
             )
             start += n

@@ -22,14 +22,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlforge.featurize.attribute_head import NO_ATTRIBUTE
 from vlforge.featurize.detector import BACKGROUND, DetectorConfig, build_detector, save_detector
-from vlforge.featurize.detector_eval import map50
+from vlforge.featurize.detector_eval import attribute_accuracy, map50
 from vlforge.world.render import render_scene
-from vlforge.world.scene import SHAPES, sample_scene
+from vlforge.world.scene import COLOURS, SHAPES, SIZES, sample_scene
 
 Log = Callable[[str], None]
 
 CLASS_NAMES = [BACKGROUND, *SHAPES]  # label i ↔ CLASS_NAMES[i]; 0 is the background
+# The attribute head's vocabulary: every world object has one colour and one size.
+ATTRIBUTE_NAMES = [NO_ATTRIBUTE, *COLOURS, *SIZES]
+ATTRIBUTE_GROUPS = {"colour": list(COLOURS), "size": list(SIZES)}
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Example:
     image: np.ndarray  # H×W×3 uint8 RGB, decoded from jpg
     boxes: np.ndarray  # float32 K×4 xyxy pixels of `image`
     labels: np.ndarray  # int64 K, indices into CLASS_NAMES
+    attributes: np.ndarray  # float32 K×A multi-hot over ATTRIBUTE_NAMES
 
 
 @cache
@@ -79,9 +84,13 @@ def world_example(seed: int, index: int, image_size: int = 256) -> Example:
         np.float32,
     ).reshape(-1, 4)
     labels = np.array([CLASS_NAMES.index(o.shape) for o in scene.objects], np.int64)
+    attributes = np.zeros((len(scene.objects), len(ATTRIBUTE_NAMES)), np.float32)
+    for k, o in enumerate(scene.objects):
+        attributes[k, ATTRIBUTE_NAMES.index(o.colour)] = 1.0
+        attributes[k, ATTRIBUTE_NAMES.index(o.size)] = 1.0
     with Image.open(io.BytesIO(processed.jpg)) as img:
         image = np.array(img.convert("RGB"), np.uint8)  # writable: torch.from_numpy needs it
-    return Example(f"world-{seed}-{index:06d}", processed.jpg, image, boxes, labels)
+    return Example(f"world-{seed}-{index:06d}", processed.jpg, image, boxes, labels, attributes)
 
 
 def world_examples(seed: int, n: int, start: int = 0, image_size: int = 256) -> list[Example]:
@@ -100,8 +109,18 @@ def _batch(examples: list[Example], flips: torch.Tensor) -> tuple[list[torch.Ten
                 [width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1
             )
         images.append(image)
-        targets.append({"boxes": boxes, "labels": torch.from_numpy(ex.labels.copy())})
+        targets.append(
+            {
+                "boxes": boxes,
+                "labels": torch.from_numpy(ex.labels.copy()),
+                "attributes": torch.from_numpy(ex.attributes.copy()),
+            }
+        )
     return images, targets
+
+
+def _describe(figures: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.3f}" for name, value in figures.items())
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -111,16 +130,24 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine to 2% of the peak
 
 
-def evaluate_world(model: torch.nn.Module, seed: int, n: int) -> float:
+def evaluate_world(model: torch.nn.Module, seed: int, n: int) -> dict[str, float]:
+    """mAP@0.5 of the detector and, with an attribute head, its colour and size accuracy on the
+    true boxes of `n` world images of `seed`."""
     examples = world_examples(seed, n)
-    truth = [{"boxes": e.boxes, "labels": e.labels} for e in examples]
-    return map50(model, [e.image for e in examples], truth)
+    truth = [{"boxes": e.boxes, "labels": e.labels, "attributes": e.attributes} for e in examples]
+    images = [e.image for e in examples]
+    figures = {"map50": map50(model, images, truth)}
+    if hasattr(model.roi_heads, "attribute_head"):
+        for group, names in ATTRIBUTE_GROUPS.items():
+            columns = [ATTRIBUTE_NAMES.index(a) for a in names]
+            figures[f"{group}_accuracy"] = attribute_accuracy(model, images, truth, columns)
+    return figures
 
 
 def train_detector(
     out: str | None,
     n_train: int = 1600,
-    epochs: int = 2,
+    epochs: int = 3,
     seed: int = 0,
     batch_size: int = 8,
     lr: float = 2e-3,
@@ -130,9 +157,13 @@ def train_detector(
     eval_every: int = 0,
     max_steps: int | None = None,
     config: DetectorConfig | None = None,
+    with_attributes: bool = True,
     log: Log = print,
 ) -> tuple[torch.nn.Module, dict]:
     """Train, evaluate mAP@0.5 on `eval_n` world images of `eval_seed`, save to `out` (if given).
+
+    `with_attributes` adds the bottom-up-attention attribute head (colour and size), which also
+    makes the pooled region features carry colour and size.
 
     Returns (model, report): the loss curve (per 25 steps, and every step under `losses`),
     the mAP curve and timings; the sidecar keeps all but the per-step losses.
@@ -144,18 +175,19 @@ def train_detector(
     try:
         return _train(
             out,
-            n_train,
-            epochs,
-            seed,
-            batch_size,
-            lr,
-            threads,
-            eval_n,
-            eval_seed,
-            eval_every,
-            max_steps,
-            config,
-            log,
+            n_train=n_train,
+            epochs=epochs,
+            seed=seed,
+            batch_size=batch_size,
+            lr=lr,
+            threads=threads,
+            eval_n=eval_n,
+            eval_seed=eval_seed,
+            eval_every=eval_every,
+            max_steps=max_steps,
+            config=config,
+            with_attributes=with_attributes,
+            log=log,
         )
     finally:  # a library call leaves the process as it found it
         torch.set_num_threads(threads_before)
@@ -164,6 +196,7 @@ def train_detector(
 
 def _train(
     out: str | None,
+    *,
     n_train: int,
     epochs: int,
     seed: int,
@@ -175,6 +208,7 @@ def _train(
     eval_every: int,
     max_steps: int | None,
     config: DetectorConfig | None,
+    with_attributes: bool,
     log: Log,
 ) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(seed)
@@ -184,7 +218,8 @@ def _train(
     train = world_examples(seed, n_train)
     render_s = time.perf_counter() - started
     log(f"rendered {n_train} training images in {render_s:.1f}s")
-    model = build_detector(CLASS_NAMES, config)
+    attributes = ATTRIBUTE_NAMES if with_attributes else None
+    model = build_detector(CLASS_NAMES, config, attributes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(n_train / batch_size)
@@ -195,6 +230,7 @@ def _train(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup))
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    part_sums: dict[str, float] = {}  # per-loss sums since the last log line
     curve: list[dict] = []
     step = 0
     train_started = time.perf_counter()
@@ -209,6 +245,8 @@ def _train(
             images, targets = _batch(chunk, flips)
             parts = model(images, targets)
             loss = sum(parts.values())
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0.0) + float(value.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -218,19 +256,24 @@ def _train(
             step += 1
             if step % 25 == 0 or step == total:
                 recent = float(np.mean(losses[-25:]))
+                span = (step - 1) % 25 + 1
+                detail = ", ".join(
+                    f"{k.removeprefix('loss_')} {v / span:.3f}" for k, v in part_sums.items()
+                )
+                part_sums.clear()
                 log(
-                    f"step {step}/{total} loss {recent:.4f} ({time.perf_counter() - train_started:.0f}s)"
+                    f"step {step}/{total} loss {recent:.4f} ({detail}; {time.perf_counter() - train_started:.0f}s)"
                 )
             if eval_every and step % eval_every == 0 and step < total:
-                value = evaluate_world(model, eval_seed, eval_n)
+                figures = evaluate_world(model, eval_seed, eval_n)
                 curve.append(
-                    {"step": step, "map50": value, "train_s": time.perf_counter() - train_started}
+                    {"step": step, **figures, "train_s": time.perf_counter() - train_started}
                 )
-                log(f"step {step}: mAP@0.5 {value:.3f}")
+                log(f"step {step}: {_describe(figures)}")
                 model.train()
     train_s = time.perf_counter() - train_started
-    value = evaluate_world(model, eval_seed, eval_n) if eval_n else float("nan")
-    curve.append({"step": step, "map50": value, "train_s": train_s})
+    figures = evaluate_world(model, eval_seed, eval_n) if eval_n else {"map50": float("nan")}
+    curve.append({"step": step, **figures, "train_s": train_s})
     model.eval()
     report = {
         "seed": seed,
@@ -242,7 +285,7 @@ def _train(
         "threads": threads,
         "render_s": round(render_s, 1),
         "train_s": round(train_s, 1),
-        "eval": {"seed": eval_seed, "n": eval_n, "map50": value},
+        "eval": {"seed": eval_seed, "n": eval_n, **figures},
         "map50_curve": curve,
         # Mean loss per 25 steps keeps the sidecar small and still shows the curve.
         "loss_curve": [
@@ -250,9 +293,9 @@ def _train(
         ],
     }
     log(
-        f"trained {step} steps in {train_s:.0f}s; mAP@0.5 on {eval_n} held-out images (seed {eval_seed}): {value:.3f}"
+        f"trained {step} steps in {train_s:.0f}s; on {eval_n} held-out images (seed {eval_seed}): {_describe(figures)}"
     )
     if out:
-        save_detector(model, out, CLASS_NAMES, config, training=report)
+        save_detector(model, out, CLASS_NAMES, config, attributes, training=report)
         log(f"saved {out} and {out}.json")
     return model, {**report, "losses": losses}

@@ -202,38 +202,53 @@ def test_metadata_states_the_background_convention(extractor: RegionExtractor):
 
 
 def region_set(
-    cls_prob: list[list[float]], attr_prob: list[list[float]] | None = None
+    cls_prob: list[list[float]],
+    attr_prob: list[list[float]] | None = None,
+    boxes: list[list[float]] | None = None,
 ) -> RegionSet:
     n = len(cls_prob)
+    if boxes is None:  # disjoint 10 px boxes on a row
+        boxes = [[20.0 * i, 0.0, 20.0 * i + 10, 10.0] for i in range(n)]
     return RegionSet(
-        boxes=np.zeros((n, 4), np.float32),
+        boxes=np.asarray(boxes, np.float32).reshape(n, 4),
         feats=np.zeros((n, 4), np.float16),
         cls_prob=np.asarray(cls_prob, np.float16),
-        width=10,
-        height=10,
+        width=200,
+        height=200,
         attr_prob=None if attr_prob is None else np.asarray(attr_prob, np.float16),
     )
 
 
-def test_tags_dedup_keep_max_and_skip_background():
+def test_tags_are_detections_deduplicated_by_name_with_counts():
     names = [BACKGROUND, "circle", "square", "star"]
     regions = region_set(
         [
             [0.02, 0.9, 0.05, 0.03],  # circle 0.9
-            [0.1, 0.6, 0.2, 0.1],  # circle again, lower: deduplicated
-            [0.7, 0.05, 0.25, 0.0],  # mostly background, but its best class (square 0.25) passes
-            [0.85, 0.05, 0.05, 0.05],  # below the threshold: no tag
-        ]
+            [0.1, 0.6, 0.2, 0.1],  # a second circle elsewhere: same tag, count 2
+            [0.2, 0.05, 0.05, 0.7],  # "star" on the first circle's box: the same object again
+            [0.3, 0.05, 0.55, 0.1],  # square 0.55
+            [0.5, 0.05, 0.45, 0.0],  # square 0.45: below the threshold, no tag
+            [0.85, 0.05, 0.05, 0.05],  # background
+        ],
+        boxes=[
+            [0, 0, 10, 10],
+            [50, 50, 60, 60],
+            [1, 0, 10, 10],
+            [100, 0, 110, 10],
+            [150, 0, 160, 10],
+            [0, 100, 10, 110],
+        ],
     )
     tags = object_tags(regions, names)
-    assert [(t["name"], t["score"]) for t in tags["tags"]] == [
-        ("circle", pytest.approx(0.9, abs=1e-3)),
-        ("square", pytest.approx(0.25, abs=1e-3)),
+    assert [(t["name"], t["score"], t["count"]) for t in tags["tags"]] == [
+        ("circle", pytest.approx(0.9, abs=1e-3), 2),
+        ("square", pytest.approx(0.55, abs=1e-3), 1),
     ]
-    assert [t["count"] for t in tags["tags"]] == [2, 1]  # instances that reached the threshold
     assert all(t["attributes"] == [] for t in tags["tags"])
     assert tags["has_attributes"] is False
     assert tag_text(tags) == "circle square"
+    # Without the class-agnostic NMS the star on the circle would be a tag of its own.
+    assert "star" in tag_text(object_tags(regions, names, nms_iou=1.0))
 
 
 def test_tags_of_an_empty_set():

@@ -145,21 +145,29 @@ def truth_agreement(corpus_dir: Path, urls_path: Path) -> dict:
 
 
 def _featurize(out: Path, args: argparse.Namespace) -> dict:
+    from vlforge.featurize.tag_eval import tag_quality
+
     weights = out / "detector" / "detector.pt"
-    if not weights.exists():
+    sidecar = Path(str(weights) + ".json")
+    # Weights from before the attribute head describe class-only features: train afresh.
+    stale = not sidecar.exists() or "attribute_names" not in json.loads(sidecar.read_text())
+    if not weights.exists() or stale:
         _vlforge("featurize", "train-detector", "--out", str(weights), "--seed", str(args.seed))
     _vlforge(
         "featurize", "--in", str(out / "corpus"), "--out", str(out / "featurized"),
         "--weights", str(weights), "--workers", str(args.workers),
     )  # fmt: skip
-    training = json.loads(Path(str(weights) + ".json").read_text()).get("training", {})
+    training = json.loads(sidecar.read_text()).get("training", {})
     held_out = training.get("eval", {})
     figures = {
         "detector_map50": held_out.get("map50"),
+        "detector_colour_accuracy": held_out.get("colour_accuracy"),
+        "detector_size_accuracy": held_out.get("size_accuracy"),
         "detector_eval_images": held_out.get("n"),
         "detector_eval_seed": held_out.get("seed"),
         "detector_train_s": training.get("train_s"),
     }
+    figures.update(tag_quality(str(out / "featurized")))
     figures.update(_parser_figures(out))
     return figures
 
