@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,9 +75,6 @@ class _Metrics:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlforge.world.server import WorldServer
-    from vlforge.world.url_list import make_url_list
-
     if args.n < 100:
         raise UserError("--n must be at least 100 so every kind of mess appears")
     out = Path(args.out)
@@ -83,6 +82,24 @@ def run(args: argparse.Namespace) -> int:
     metrics = _Metrics(out / "metrics.json", args.seed, args.n)
     last = STAGES.index(args.until)
     started = time.time()
+    # The detector trains on rendered world images, not on the corpus, so it can train while the
+    # crawl (mostly waiting on the faulty server) runs: one CPU-bound job beside an I/O-bound one.
+    args.detector_job = _start_detector_training(out, args) if last >= 1 else None
+    try:
+        _run_stages(out, args, metrics, last)
+    finally:  # a failed stage must not leave the detector training behind
+        if args.detector_job is not None and args.detector_job.poll() is None:
+            args.detector_job.terminate()
+    metrics.data["seconds"] = round(time.time() - started, 1)
+    metrics.path.write_text(json.dumps(metrics.data, indent=2, default=str) + "\n")
+    print(f"\ndemo: done in {metrics.data['seconds']:.0f} s; figures in {metrics.path}")
+    return 0
+
+
+def _run_stages(out: Path, args: argparse.Namespace, metrics: _Metrics, last: int) -> None:
+    from vlforge.world.server import WorldServer
+    from vlforge.world.url_list import make_url_list
+
     with WorldServer(hold_seconds=30.0, slow_body_seconds=20.0) as server:
         urls = make_url_list(args.n, args.seed, server.base_url, out / "urls.parquet")
         print(f"world: {args.n} pairs at {server.base_url} -> {urls}")
@@ -96,10 +113,6 @@ def run(args: argparse.Namespace) -> int:
     for stage in STAGES[1 : last + 1]:
         t = time.time()
         metrics.add(stage, stages[stage](out, args), time.time() - t)
-    metrics.data["seconds"] = round(time.time() - started, 1)
-    metrics.path.write_text(json.dumps(metrics.data, indent=2, default=str) + "\n")
-    print(f"\ndemo: done in {metrics.data['seconds']:.0f} s; figures in {metrics.path}")
-    return 0
 
 
 def _corpus_figures(out: Path) -> dict:
@@ -144,14 +157,41 @@ def truth_agreement(corpus_dir: Path, urls_path: Path) -> dict:
     return {"rows": len(stats), "matching": matching, "mismatches": mismatches}
 
 
+def _detector_paths(out: Path) -> tuple[Path, Path]:
+    weights = out / "detector" / "detector.pt"
+    return weights, Path(str(weights) + ".json")
+
+
+def _start_detector_training(out: Path, args: argparse.Namespace) -> subprocess.Popen | None:
+    """`vlforge featurize train-detector` in a child process, unless usable weights exist."""
+    weights, sidecar = _detector_paths(out)
+    # Weights from before the attribute head describe class-only features: train afresh.
+    if (
+        weights.exists()
+        and sidecar.exists()
+        and "attribute_names" in json.loads(sidecar.read_text())
+    ):
+        return None
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["featurize", "train-detector", "--out", str(weights), "--seed", str(args.seed)]
+    print(f"\n$ vlforge {' '.join(argv)}   (in the background, log: {weights.parent}/train.log)")
+    log = (weights.parent / "train.log").open("w")
+    command = [sys.executable, "-c", "from vlforge.cli import entry; entry()", *argv]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
 def _featurize(out: Path, args: argparse.Namespace) -> dict:
     from vlforge.featurize.tag_eval import tag_quality
 
-    weights = out / "detector" / "detector.pt"
-    sidecar = Path(str(weights) + ".json")
-    # Weights from before the attribute head describe class-only features: train afresh.
-    stale = not sidecar.exists() or "attribute_names" not in json.loads(sidecar.read_text())
-    if not weights.exists() or stale:
+    weights, sidecar = _detector_paths(out)
+    job = getattr(args, "detector_job", None)
+    if job is not None:
+        print("waiting for the detector training to finish ...", flush=True)
+        if job.wait() != 0:
+            raise UserError(
+                f"detector training failed (exit {job.returncode}); see {weights.parent}/train.log"
+            )
+    elif not weights.exists():
         _vlforge("featurize", "train-detector", "--out", str(weights), "--seed", str(args.seed))
     _vlforge(
         "featurize", "--in", str(out / "corpus"), "--out", str(out / "featurized"),

@@ -36,7 +36,7 @@ from vlforge.train.losses import (
     optimal_transport_distance,
     wra_loss,
 )
-from vlforge.train.recipes.base import Recipe, RegionTextConfig, require
+from vlforge.train.recipes.base import SMALL_INIT_STD, Recipe, RegionTextConfig, require
 from vlforge.train.recipes.registry import register_recipe
 
 REGION_TASKS = ("mrfr", "mrc", "mrc_kl")
@@ -70,6 +70,7 @@ class Uniter(Recipe):
             num_region_classes=32,
             dropout=0.0,
             attn_dropout=0.0,
+            init_std=SMALL_INIT_STD,
         ),  # fmt: skip
         "base": UniterConfig(),
     }
