@@ -160,6 +160,13 @@ def test_loss_falls_and_lr_follows_the_schedule(cli, shards, tmp_path):
     assert config["recipe_overrides"] == {"region_dim": 16, "num_region_classes": 5}
     assert (out / "tokenizer.json").is_file()
     assert ckpt.latest_checkpoint(out).name == "step_00000030"
+    # TensorBoard (a dev dependency) gets the same curve as metrics.jsonl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert logged == pytest.approx({r["step"]: r["loss"] for r in rec}, rel=1e-6)
 
 
 def test_resume_takes_the_new_total_steps(cli, shards, tmp_path):
