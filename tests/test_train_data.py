@@ -304,6 +304,25 @@ def test_batch_contract(tmp_path):
     assert not b["mrm_mask"][pad].any()
 
 
+def test_masking_does_not_reveal_the_itm_label(tmp_path):
+    # With MLM and ITM on one batch (task_mode "sum"), masking only matched rows would let ITM
+    # read the label off the [MASK] tokens; inputs are masked alike, only the losses differ.
+    samples = _samples(tmp_path, 16)
+    tok = train_wordpiece([s["txt"] for s in samples], vocab_size=120)
+    spec = BatchSpec(tasks={"mlm": 1, "mrfr": 1, "itm": 1}, geometry=7)
+    asm = Assembler(spec, tok)
+    masked = {0: [], 1: []}
+    for i in range(40):
+        b = asm(samples, np.random.default_rng(i))
+        has_mask = (b["input_ids"] == tok.mask_id).any(dim=1)
+        for label, flag in zip(b["itm_labels"].tolist(), has_mask.tolist(), strict=True):
+            masked[label].append(flag)
+        neg = b["itm_labels"] == 0
+        assert (b["mlm_labels"][neg] == -100).all() and not b["mrm_mask"][neg].any()
+    rate = {label: np.mean(flags) for label, flags in masked.items()}
+    assert rate[0] > 0.5 and abs(rate[0] - rate[1]) < 0.15, rate
+
+
 def test_geometry_encodings():
     boxes = np.array([[0.1, 0.2, 0.5, 0.6]], dtype=np.float32)
     np.testing.assert_allclose(region_geometry(boxes, 4), [[0.1, 0.2, 0.5, 0.6]])

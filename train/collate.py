@@ -191,10 +191,12 @@ class Assembler:
             captions, visual, labels = self.pairs(samples, rng)
         else:
             captions, visual, labels = [s["txt"] for s in samples], list(range(n)), np.ones(n)
-        # Masked losses only on matched pairs; conditional masking picks one modality per row.
+        # Masking is applied to every row, the masked losses counted on matched pairs only: were
+        # only matched rows masked, a [MASK] would tell ITM the answer whenever both tasks share a
+        # batch (task_mode "sum", as ViLBERT). Conditional masking picks one modality per row.
         eligible = labels == 1 if cfg.masked_only_matched else np.ones(n, dtype=bool)
-        text_rows = eligible & mask_text
-        region_rows = eligible & mask_regs
+        text_rows = np.full(n, mask_text)
+        region_rows = np.full(n, mask_regs)
         if spec.conditional_masking and mask_text and mask_regs:
             on_text = conditional_choice(rng, n)
             text_rows, region_rows = text_rows & on_text, region_rows & ~on_text
@@ -206,18 +208,26 @@ class Assembler:
         if make_pairs:
             batch["itm_labels"] = torch.as_tensor(labels, dtype=torch.long)
         if "text" in spec.inputs:
-            batch.update(self.text(captions, text_rows, rng))
+            batch.update(self.text(captions, text_rows, rng, text_rows & eligible))
         visual_samples = [samples[v] for v in visual]
         if "regions" in spec.inputs:
-            batch.update(self.regions(visual_samples, region_rows, rng))
+            batch.update(self.regions(visual_samples, region_rows, rng, region_rows & eligible))
         if "pixels" in spec.inputs:
             batch["pixel_values"] = torch.stack(
                 [image_to_tensor(s["jpg"], spec.image_size) for s in visual_samples]
             )
         return batch
 
-    def text(self, captions: list[str], rows: np.ndarray, rng: np.random.Generator) -> dict:
+    def text(
+        self,
+        captions: list[str],
+        rows: np.ndarray,
+        rng: np.random.Generator,
+        loss_rows: np.ndarray | None = None,
+    ) -> dict:
+        """Token ids with `rows` masked; MLM labels only on `loss_rows` (default: `rows`)."""
         assert self.tok is not None
+        loss_rows = rows if loss_rows is None else loss_rows
         cfg = self.spec.masking
         ids, types, labels = [], [], []
         for caption, masked in zip(captions, rows, strict=True):
@@ -231,9 +241,13 @@ class Assembler:
             ids.append(row)
             types.append(np.array(enc.type_ids, dtype=np.int64))
             labels.append(lab)
+        labels = [
+            lab if keep else np.full_like(lab, IGNORE)
+            for lab, keep in zip(labels, loss_rows, strict=True)
+        ]
         # A batch whose masking chose nothing would give the MLM loss 0/0: predict one token.
-        if rows.any() and all((lab == IGNORE).all() for lab in labels):
-            i = int(np.flatnonzero(rows)[0])
+        if loss_rows.any() and all((lab == IGNORE).all() for lab in labels):
+            i = int(np.flatnonzero(loss_rows)[0])
             body = [
                 k
                 for k, w in enumerate(self.tok.encode(captions[i], self.spec.max_text_len).word_ids)
@@ -250,8 +264,16 @@ class Assembler:
             "mlm_labels": _pad(labels, IGNORE, torch.long),
         }
 
-    def regions(self, samples: list[dict], rows: np.ndarray, rng: np.random.Generator) -> dict:
+    def regions(
+        self,
+        samples: list[dict],
+        rows: np.ndarray,
+        rng: np.random.Generator,
+        loss_rows: np.ndarray | None = None,
+    ) -> dict:
+        """Region inputs with `rows` masked; `mrm_mask` (the loss positions) only on `loss_rows`."""
         spec, cfg = self.spec, self.spec.masking
+        loss_rows = rows if loss_rows is None else loss_rows
         feats, targets, boxes, geoms, probs, masks = [], [], [], [], [], []
         for sample, masked in zip(samples, rows, strict=True):
             k = spec.max_regions
@@ -272,8 +294,9 @@ class Assembler:
             geoms.append(region_geometry(nb, spec.geometry) if spec.geometry else nb[:, :0])
             probs.append(sample["cls_prob.npy"][:k].astype(np.float32))
             masks.append(sel)
-        if rows.any() and not any(m.any() for m in masks):
-            i = int(np.flatnonzero(rows)[0])
+        masks = [m if keep else np.zeros_like(m) for m, keep in zip(masks, loss_rows, strict=True)]
+        if loss_rows.any() and not any(m.any() for m in masks):
+            i = int(np.flatnonzero(loss_rows)[0])
             j = int(rng.integers(len(masks[i])))
             masks[i][j] = True
             if rng.random() < cfg.region_zero_frac:
