@@ -10,14 +10,18 @@ with the DirectRunner (or any runner by Beam flags) and writes shards of the sam
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import torch
+import torch.nn.functional as F
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import (
@@ -26,7 +30,14 @@ from apache_beam.ml.inference.base import (
     PredictionResult,
     RunInference,
 )
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops.poolers import _setup_scales
 
 from vlforge.errors import UserError
 from vlforge.featurize import detectron2_backend
@@ -73,15 +84,229 @@ def load_extractor(weights: str, extraction: ExtractionConfig) -> tuple[Any, dic
     return RegionExtractor(model, meta["class_names"], extraction), meta
 
 
+# ---------------------------------------------------------------------------------------------
+# Inference-only rewrites of a loaded torchvision Faster R-CNN. Each one computes the same
+# function (differences are float32 rounding, far below the float16 the features are stored in)
+# with less CPU; tests/test_featurize_stage.py compares against the plain extractor.
+
+
+class _BatchNormLeafTracer(torch.fx.Tracer):
+    """fx's tracer, keeping torchvision's FrozenBatchNorm2d as one call (it would trace into it)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FrozenBatchNorm2d) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _fold_batchnorm(module: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm that directly follows a Conv2d into that conv, in place.
+
+    An eval BN is a per-channel affine map, so conv→BN is one conv with scaled weights and bias:
+    one pass over the activations instead of two. torch.fx traces the module's own forward to
+    find the pairs whose conv output feeds nothing but the BN (TinyConvNet's Sequentials,
+    ResNet's conv1/bn1 attributes with FrozenBatchNorm2d); the conv gets the folded weights and
+    the BN becomes an Identity where it sits, so the module tree, and any forward that calls
+    submodules by name, stays as it was. A module fx cannot trace is left alone (slower, same
+    results). Returns the number of pairs folded.
+    """
+    try:
+        graph = _BatchNormLeafTracer().trace(module)
+    except Exception:  # data-dependent control flow etc.: keep the module as it is
+        return 0
+    modules = [n for n in graph.nodes if n.op == "call_module"]
+    calls = Counter(n.target for n in modules)
+    folded = 0
+    for node in modules:
+        bn = module.get_submodule(node.target)
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if (
+            not isinstance(bn, (nn.BatchNorm2d, FrozenBatchNorm2d))
+            or bn.training
+            or getattr(bn, "running_mean", None) is None  # no running stats: batch statistics
+            or not isinstance(source, torch.fx.Node)
+            or source.op != "call_module"
+            or len(source.users) != 1  # the conv's raw output is needed elsewhere too
+            or calls[node.target] != 1  # a module called twice would be folded twice
+            or calls[source.target] != 1
+        ):
+            continue
+        conv = module.get_submodule(source.target)
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        parent, _, name = node.target.rpartition(".")
+        setattr(module.get_submodule(parent), name, nn.Identity())
+        folded += 1
+    return folded
+
+
+def _sample_axis(
+    start: torch.Tensor, extent: torch.Tensor, length: torch.Tensor, pooled: int, grid: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (or columns) and weights of RoIAlign's bilinear samples along one axis.
+
+    Per roi (R rows): `pooled` bins × `grid` samples each, every sample split between its two
+    neighbouring cells, so (R, pooled, 2·grid) indices and weights. The rules are torchvision's
+    CPU kernel (aligned=False): a sample beyond [-1, length] contributes nothing, one in
+    [-1, 0] is clamped to 0, one past the last cell uses the last cell only.
+    """
+    bins = torch.arange(pooled, dtype=start.dtype)[None, :, None]
+    samples = torch.arange(grid, dtype=start.dtype)[None, None, :]
+    size = (extent / pooled)[:, None, None]
+    at = start[:, None, None] + bins * size + (samples + 0.5) * size / grid
+    length = length[:, None, None]
+    inside = ((at >= -1.0) & (at <= length)).to(start.dtype)
+    at = at.clamp(min=0.0)
+    low = at.floor()
+    last = low >= length - 1
+    low = torch.where(last, length - 1, low)
+    at = torch.where(last, low, at)
+    high = torch.where(last, low, low + 1)
+    frac = at - low
+    weights = torch.stack([(1 - frac) * inside, frac * inside], dim=-1)
+    index = torch.stack([low, high], dim=-1).to(torch.int64)
+    return index.flatten(2), weights.flatten(2)
+
+
+class GatherRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign as one `embedding_bag` over channels-last feature rows.
+
+    torchvision's CPU kernel walks rois × channels × samples with scalar loads: ~8 of the tiny
+    detector's ~32 ms per image. Each output bin is a weighted sum of at most (2·grid)² feature
+    vectors, and an embedding bag with per-sample weights computes exactly that, vectorised over
+    the channels, for every roi of every level in a single call. The result has the usual
+    (R, C, ph, pw) shape with channels-last strides (no transpose copy); `ChannelsLastBoxHead`
+    reads it as a view.
+    """
+
+    def __init__(self, like: MultiScaleRoIAlign):
+        super().__init__(
+            like.featmap_names,
+            like.output_size,
+            like.sampling_ratio,
+            canonical_scale=like.canonical_scale,
+            canonical_level=like.canonical_level,
+        )
+        if like.sampling_ratio <= 0:  # adaptive grids differ per roi: not one bag size
+            raise ValueError("GatherRoIAlign needs a fixed sampling_ratio")
+
+    def forward(
+        self,
+        x: dict[str, torch.Tensor],
+        boxes: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        maps = [v for k, v in x.items() if k in self.featmap_names]  # torchvision's order
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                maps, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        channels = maps[0].shape[1]
+        ph, pw = self.output_size
+        grid = self.sampling_ratio
+        rois = torch.cat(boxes)
+        if len(rois) == 0:
+            return rois.new_zeros((0, channels, ph, pw))
+        image = torch.repeat_interleave(torch.tensor([len(b) for b in boxes]))
+        levels = (
+            self.map_levels(boxes).to(torch.int64)
+            if len(maps) > 1
+            else torch.zeros(len(rois), dtype=torch.int64)
+        )
+        # One table of C-vectors for all levels (each level a view when its map is already
+        # channels-last), and every roi's level geometry looked up by its level.
+        table = torch.cat([m.permute(0, 2, 3, 1).reshape(-1, channels) for m in maps])
+        sizes = torch.tensor([m.shape[2] * m.shape[3] for m in maps])
+        starts = torch.cumsum(sizes * maps[0].shape[0], 0) - sizes * maps[0].shape[0]
+        height = torch.tensor([m.shape[2] for m in maps])[levels]
+        width = torch.tensor([m.shape[3] for m in maps])[levels]
+        scale = torch.tensor(self.scales, dtype=rois.dtype)[levels]
+        x1, y1, x2, y2 = (rois[:, i] * scale for i in range(4))
+        rows, row_w = _sample_axis(y1, (y2 - y1).clamp(min=1.0), height.to(rois.dtype), ph, grid)
+        cols, col_w = _sample_axis(x1, (x2 - x1).clamp(min=1.0), width.to(rois.dtype), pw, grid)
+        # Table row of (row, column): first row of the roi's map + row·width + column.
+        first = starts[levels] + image * sizes[levels]
+        row_start = first[:, None, None] + rows * width[:, None, None]
+        # Bags are (R, ph, pw) bins of (2g)² samples; torchvision's 1/g² average goes into the
+        # row weights.
+        index = row_start[:, :, None, :, None] + cols[:, None, :, None, :]
+        weight = (row_w / (grid * grid))[:, :, None, :, None] * col_w[:, None, :, None, :]
+        bag = index.shape[-1] * index.shape[-2]
+        pooled = F.embedding_bag(
+            index.reshape(-1, bag),
+            table,
+            per_sample_weights=weight.reshape(-1, bag).to(table.dtype),
+            mode="sum",
+        )
+        return pooled.view(len(rois), ph, pw, channels).permute(0, 3, 1, 2)
+
+
+class ChannelsLastBoxHead(nn.Module):
+    """torchvision's TwoMLPHead reading its (R, C, h, w) input in (h, w, C) order.
+
+    fc6's columns are permuted once to match, so a channels-last input (GatherRoIAlign's) is
+    flattened as a view instead of transposed; any other layout is permuted into that order.
+    """
+
+    def __init__(self, head: TwoMLPHead, channels: int, cells: int):
+        super().__init__()
+        out_features, in_features = head.fc6.weight.shape
+        if in_features != channels * cells:
+            raise ValueError(f"fc6 takes {in_features} inputs, not {channels} x {cells}")
+        self.fc6 = nn.Linear(in_features, out_features)
+        with torch.no_grad():
+            weight = head.fc6.weight.view(out_features, channels, cells)
+            self.fc6.weight.copy_(weight.permute(0, 2, 1).reshape(out_features, in_features))
+            self.fc6.bias.copy_(head.fc6.bias)
+        self.fc7 = head.fc7
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1).flatten(1)
+        return F.relu(self.fc7(F.relu(self.fc6(x))))
+
+
+def optimize_for_inference(model: FasterRCNN) -> FasterRCNN:
+    """The same detector, rewritten in place for CPU inference (see the section comment).
+
+    - Conv+BN folded in the backbone;
+    - backbone and RPN head convs in channels-last memory format (oneDNN's fast path; every
+      conv output and so every FPN level comes out channels-last);
+    - RoIAlign as a single gather (`GatherRoIAlign`) feeding a box head that reads it in place.
+    """
+    model.eval()
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return model  # accelerators have fast RoIAlign kernels and their own layout rules
+    backbone = model.backbone
+    _fold_batchnorm(backbone)
+    backbone.to(memory_format=torch.channels_last)
+    model.rpn.head.to(memory_format=torch.channels_last)
+    heads = model.roi_heads
+    pool = heads.box_roi_pool
+    if type(pool) is MultiScaleRoIAlign and pool.sampling_ratio > 0:
+        heads.box_roi_pool = GatherRoIAlign(pool)
+        channels, cells = backbone.out_channels, pool.output_size[0] * pool.output_size[1]
+        head = heads.box_head
+        if type(head) is TwoMLPHead and head.fc6.in_features == channels * cells:
+            heads.box_head = ChannelsLastBoxHead(head, channels, cells)
+    return model
+
+
 class LoadedDetector:
     """What `load_model` returns: the extractor and the identity that goes into every sample."""
 
-    def __init__(self, weights: str, extraction: ExtractionConfig, threads: int | None):
-        import torch
-
+    def __init__(
+        self,
+        weights: str,
+        extraction: ExtractionConfig,
+        threads: int | None,
+        optimize: bool = True,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.extractor, meta = load_extractor(weights, extraction)
+        if optimize and isinstance(self.extractor, RegionExtractor):  # detectron2: as loaded
+            optimize_for_inference(self.extractor.model)
         self.class_names = list(meta["class_names"])
         self.attribute_names = meta.get("attribute_names")
         self.detector = {
@@ -100,15 +325,17 @@ class RegionModelHandler(ModelHandler[ImageInput, Featurized, LoadedDetector]):
         batch_size: int = 8,
         extraction: ExtractionConfig = ExtractionConfig(),
         threads: int | None = None,
+        optimize: bool = True,
     ):
         super().__init__()
         self.weights = weights
         self.batch_size = batch_size
         self.extraction = extraction
         self.threads = threads
+        self.optimize = optimize
 
     def load_model(self) -> LoadedDetector:
-        return LoadedDetector(self.weights, self.extraction, self.threads)
+        return LoadedDetector(self.weights, self.extraction, self.threads, self.optimize)
 
     def run_inference(
         self,
@@ -196,7 +423,11 @@ class AttachRegions(beam.DoFn):
 
 
 class FeaturizeRegions(beam.PTransform):
-    """(key, sample dict of raw fields) → (key, sample + boxes/feats/cls_prob/tags, json updated)."""
+    """(key, sample dict of raw fields) → (key, sample + boxes/feats/cls_prob/tags, json updated).
+
+    `optimize` (default) rewrites the loaded torchvision detector for CPU inference once per
+    worker (`optimize_for_inference`); False runs the model exactly as loaded.
+    """
 
     def __init__(
         self,
@@ -204,10 +435,11 @@ class FeaturizeRegions(beam.PTransform):
         batch_size: int = 8,
         extraction: ExtractionConfig = ExtractionConfig(),
         threads: int | None = None,
+        optimize: bool = True,
     ):
         super().__init__()
         self.handler = KeyedModelHandler(
-            RegionModelHandler(weights, batch_size, extraction, threads)
+            RegionModelHandler(weights, batch_size, extraction, threads, optimize)
         )
 
     def expand(self, samples):
@@ -219,10 +451,75 @@ class FeaturizeRegions(beam.PTransform):
         )
 
 
-def _read_shard(path: str):
+def _read_part(item: tuple[str, int, int]):
+    """One interleaved part of a shard: the samples whose index is `part` modulo `parts`."""
+    path, part, parts = item
     name = path.rsplit("/", 1)[-1].removesuffix(".tar")
     for index, sample in enumerate(read_raw_samples(path)):
-        yield (name, index), sample
+        if index % parts == part:
+            yield (name, index), sample
+
+
+class ReadShards(beam.PTransform):
+    """Shard paths → ((shard name, index in shard), raw sample), spread over the workers.
+
+    The work items are (shard, part) pairs and a Reshuffle hands them out before anything is
+    read, so each worker reads, decodes, detects and encodes its own items inside one fused
+    stage; only the finished samples travel on. Splitting every shard into `parts` interleaved
+    parts (each reads the tar and keeps every parts-th sample; reading is ~1% of detection) keeps
+    workers busy when there are few shards: 1 shard and 2 workers would otherwise use one.
+    """
+
+    def __init__(self, shards: Sequence[str], parts: int = 1):
+        super().__init__()
+        if parts < 1:
+            raise ValueError("parts must be at least 1")
+        self.items = [(path, part, parts) for path in shards for part in range(parts)]
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Parts" >> beam.Create(self.items, reshuffle=False)
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.FlatMap(_read_part)
+        )
+
+
+def parts_per_shard(num_shards: int, workers: int) -> int:
+    """Enough parts for about four work items per worker, so no worker idles for long at the end."""
+    if workers <= 1 or num_shards <= 0:
+        return 1
+    return max(1, math.ceil(4 * workers / num_shards))
+
+
+def _is_direct(options: PipelineOptions) -> bool:
+    return options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct")
+
+
+def use_worker_threads(options: PipelineOptions) -> PipelineOptions:
+    """DirectRunner's workers as threads of this process rather than child processes.
+
+    Detection is torch ops, which release the GIL (py-spy: the GIL is held ~4% of an extract
+    call), so threads run it in parallel as well as processes do, without what a child process
+    costs: starting Python, importing Beam, torch and torchvision (~4 CPU-seconds each, about
+    what 200 images of detection take) and moving every sample through gRPC to it and back.
+    """
+    if _is_direct(options):
+        direct = options.view_as(DirectOptions)
+        if direct.direct_running_mode == "multi_processing":
+            direct.direct_running_mode = "multi_threading"
+    return options
+
+
+def direct_workers(options: PipelineOptions) -> int:
+    """DirectRunner's process/thread count; 1 for in-memory and for other runners (they get
+    their parallelism from many shards and their own autoscaling)."""
+    if not _is_direct(options):
+        return 1
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode not in ("multi_processing", "multi_threading"):
+        return 1
+    return max(1, direct.direct_num_workers or 1)
 
 
 def _write_shard(element, out_dir: str):
@@ -286,6 +583,7 @@ def featurize_shards(
     extraction: ExtractionConfig = ExtractionConfig(),
     threads: int | None = 1,
     options: PipelineOptions | None = None,
+    optimize: bool = True,
 ) -> dict:
     """Featurize every shard matching `in_pattern` into `out_dir` (same names) plus manifest.json."""
     started = time.perf_counter()
@@ -306,13 +604,13 @@ def featurize_shards(
     if len(names) != len(shards):
         raise UserError(f"{in_pattern} matches two shards with the same file name")
     options = options or PipelineOptions([])
+    parts = parts_per_shard(len(shards), direct_workers(options))
     run_started = time.perf_counter()
     pipeline = beam.Pipeline(options=options)
     written = (
         pipeline
-        | "Shards" >> beam.Create(shards)
-        | "Read" >> beam.FlatMap(_read_shard)
-        | "Featurize" >> FeaturizeRegions(weights, batch_size, extraction, threads)
+        | "Read" >> ReadShards(shards, parts)
+        | "Featurize" >> FeaturizeRegions(weights, batch_size, extraction, threads, optimize)
         | "SceneGraphs" >> ParseSceneGraphs()
         | "ByShard" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
         | "Group" >> beam.GroupByKey()
@@ -332,6 +630,8 @@ def featurize_shards(
             "weights": weights,
             "batch_size": batch_size,
             "threads": threads,
+            "optimize": optimize,
+            "parts_per_shard": parts,
             "extraction": asdict(extraction),
             "beam_options": options.get_all_options(drop_default=True),
         },

@@ -34,7 +34,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--threads", type=int, default=1, help="torch threads per worker (scale with --workers)"
     )
-    g.add_argument("--workers", type=int, default=1, help="DirectRunner processes")
+    g.add_argument("--workers", type=int, default=1, help="DirectRunner workers")
+    g.add_argument(
+        "--worker-mode",
+        choices=("threads", "processes"),
+        default="threads",
+        help="DirectRunner workers as threads of this process (default: detection releases the "
+        "GIL, and no worker has to start Python and import torch) or as child processes",
+    )
+    g.add_argument(
+        "--no-optimize",
+        dest="optimize",
+        action="store_false",
+        help="run the detector exactly as loaded (default: BN folded, channels-last convs and a "
+        "gather RoIAlign, once per worker; same outputs to float16, ~1.5x faster on CPU)",
+    )
     t = p.add_argument_group("train-detector")
     t.add_argument("--n-train", type=int, default=1600, help="world images to train on")
     t.add_argument("--epochs", type=int, default=3)
@@ -71,10 +85,12 @@ def _featurize(args: argparse.Namespace) -> int:
         raise UserError(
             "featurize needs --weights (train one with `vlforge featurize train-detector`)"
         )
-    from vlforge.featurize.beam_stage import featurize_shards
+    from vlforge.featurize.beam_stage import featurize_shards, use_worker_threads
     from vlforge.pipeline.beam_options import build_options
 
     options = build_options(list(getattr(args, "extra_args", [])), args.workers)
+    if args.worker_mode == "threads":
+        options = use_worker_threads(options)
     manifest = featurize_shards(
         args.inp,
         args.out,
@@ -82,6 +98,7 @@ def _featurize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         threads=args.threads,
         options=options,
+        optimize=args.optimize,
     )
     counts = manifest["counts"]
     sys.stdout.write(

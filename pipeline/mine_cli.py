@@ -43,6 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ivf-threshold", type=int, default=n.ivf_threshold, help="IVF at/above this")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(n))")
     p.add_argument("--nprobe", type=int, default=n.nprobe)
+    p.add_argument(
+        "--ivf-storage",
+        choices=("fp16", "flat"),
+        default=n.storage,
+        help="vectors in the IVF lists: float16 (half the memory traffic) or float32",
+    )
     p.add_argument("--no-gpu", action="store_true", help="keep faiss on the CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="DirectRunner processes")
@@ -74,6 +80,7 @@ def config_from_args(args: argparse.Namespace):
             ivf_threshold=args.ivf_threshold,
             nlist=args.nlist,
             nprobe=args.nprobe,
+            storage=args.ivf_storage,
             use_gpu=not args.no_gpu,
             seed=1234 + args.seed,
         ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import apache_beam as beam
 import numpy as np
 import scipy.sparse as sp
 from sklearn.preprocessing import normalize
@@ -19,7 +20,7 @@ from sklearn.preprocessing import normalize
 from vlforge.pipeline.mine_config import MineConfig
 from vlforge.pipeline.mine_filter import Claims, Relations, encode_claims
 from vlforge.pipeline.mine_groups import TextGroups, group_texts
-from vlforge.pipeline.mine_scan import CorpusStats, ShardScan
+from vlforge.pipeline.mine_scan import CorpusColumns, CorpusStats, PickledBatch, gc_paused
 from vlforge.pipeline.neighbours import NeighbourIndex
 from vlforge.pipeline.tfidf import Reducer, fit_reducer, idf_from_df, stable_hash
 
@@ -103,9 +104,16 @@ def _space(
 
 
 def build_corpus(
-    scans: list[ShardScan], stats: CorpusStats, config: MineConfig, opposite, asymmetric
+    scans: list[CorpusColumns], stats: CorpusStats, config: MineConfig, opposite, asymmetric
 ) -> Corpus:
-    """All scans (any order) + corpus statistics → the Corpus side input."""
+    """Every shard's columns (any order) + corpus statistics → the Corpus side input."""
+    with gc_paused():
+        return _build_corpus(scans, stats, config, opposite, asymmetric)
+
+
+def _build_corpus(
+    scans: list[CorpusColumns], stats: CorpusStats, config: MineConfig, opposite, asymmetric
+) -> Corpus:
     scans = sorted(scans, key=lambda s: s.shard)
     shard_start, keys, captions, texts, image_names, tag_texts = {}, [], [], [], [], []
     for scan in scans:
@@ -169,3 +177,6 @@ def build_corpus(
         relations=relations,
         text_graphs=text_graphs if claims is None or untagged else None,
     )
+
+
+beam.coders.registry.register_coder(Corpus, PickledBatch)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -205,38 +205,58 @@ def one_slot_apart(a: dict, b: dict) -> bool:
 # ---- the figures ----------------------------------------------------------------------------
 
 
-def _load(mined_dir: str) -> list[dict]:
-    rows = []
+def _samples(mined_dir: str) -> Iterator[dict]:
+    """Each sample's key and caption, its sg.json, metadata and mine.json still as bytes.
+
+    One sample at a time: at a million samples the parsed truths, graphs and mine dicts did
+    not fit in memory together (the 1M bench grew past 17 GB).
+    """
     for path in list_shards(mined_dir):
         for sample in read_samples(path):
-            meta = json.loads(sample.get("json", b"{}") or b"{}")
-            world = meta.get("world")
-            rows.append(
-                {
-                    "key": sample["__key__"],
-                    "caption": sample.get("txt", b"").decode("utf-8", "replace"),
-                    "truth": json.loads(world) if isinstance(world, str) else world,
-                    "sg": json.loads(sample["sg.json"]) if "sg.json" in sample else None,
-                    "mine": json.loads(sample["mine.json"]) if "mine.json" in sample else None,
-                }
-            )
-    return rows
+            yield {
+                "key": sample["__key__"],
+                "caption": sample.get("txt", b"").decode("utf-8", "replace"),
+                "meta": sample.get("json"),
+                "sg": sample.get("sg.json"),
+                "mine": sample.get("mine.json"),
+            }
 
 
-def negative_figures(rows: list[dict], seed: int = 0) -> dict:
-    sg_of = {r["key"]: r["sg"] for r in rows if r["sg"]}
+def _truth(meta: bytes | None) -> dict | None:
+    world = json.loads(meta or b"{}").get("world")
+    return json.loads(world) if isinstance(world, str) else world
+
+
+def _parsed(data: bytes | None) -> dict | None:
+    return json.loads(data) if data is not None else None
+
+
+def negative_figures(samples: Callable[[], Iterable[dict]], seed: int = 0) -> dict:
+    """The negatives' figures over `samples()` (called twice: the dicts _samples yields).
+
+    The first pass keeps each sample's sg.json bytes by key (a negative names another sample)
+    and the truth's object names; the second judges one sample at a time.
+    """
+    sg_of: dict[str, bytes] = {}
+    names: set[str] = set()
+    for sample in samples():
+        if sample["sg"] and json.loads(sample["sg"]):
+            sg_of[sample["key"]] = sample["sg"]
+        truth = _truth(sample["meta"])
+        if truth:
+            names.update(o["name"] for o in _truth_objects(truth))
+    keys = list(sg_of)
     counts: Counter = Counter()
     rng = np.random.default_rng(seed)
-    keys = [r["key"] for r in rows if r["sg"]]
-    names = {o["name"] for r in rows if r["truth"] for o in _truth_objects(r["truth"])}
-    for row in rows:
-        mine, truth, own = row["mine"], row["truth"], row["sg"]
+    for sample in samples():
+        mine, truth = _parsed(sample["mine"]), _truth(sample["meta"])
+        own = _parsed(sample["sg"]) if sample["key"] in sg_of else None
         if not mine or not truth or not own:
             continue
         for neg in mine.get("hard_negatives", []):
-            neg_sg = sg_of.get(neg["key"])
-            if neg_sg is None:
+            if neg["key"] not in sg_of:
                 continue
+            neg_sg = json.loads(sg_of[neg["key"]])
             counts["mined"] += 1
             counts["mined_true"] += true_of(neg_sg, truth, names)
             counts["mined_one_slot"] += one_slot_apart(own, neg_sg)
@@ -248,10 +268,11 @@ def negative_figures(rows: list[dict], seed: int = 0) -> dict:
             counts[f"rewritten_{rw['kind']}_true"] += is_true
         if len(keys) > 1:
             other = keys[int(rng.integers(len(keys)))]
-            if other != row["key"]:
+            if other != sample["key"]:
+                other_sg = json.loads(sg_of[other])
                 counts["random"] += 1
-                counts["random_one_slot"] += one_slot_apart(own, sg_of[other])
-                counts["random_true"] += true_of(sg_of[other], truth, names)
+                counts["random_one_slot"] += one_slot_apart(own, other_sg)
+                counts["random_true"] += true_of(other_sg, truth, names)
         counts["own_true"] += true_of(own, truth, names)
         counts["judged_samples"] += 1
 
@@ -303,6 +324,7 @@ def ivf_recall10(
             use_gpu=config.use_gpu,
             train_size=config.train_size,
             train_iterations=config.train_iterations,
+            storage=config.storage,
         ),
     )
     step = max(1, -(-len(texts) // MAX_RECALL_QUERIES))
@@ -320,10 +342,10 @@ def ivf_recall10(
 
 def mine_quality(mined_dir: str, seed: int = 0) -> dict:
     """Every figure for a directory of mined shards (the demo's entry point)."""
-    rows = _load(mined_dir)
-    figures = negative_figures(rows, seed)
-    figures.update(ivf_recall10([r["caption"].strip().lower() for r in rows]))
-    figures["samples"] = len(rows)
+    figures = negative_figures(lambda: _samples(mined_dir), seed)
+    captions = [s["caption"].strip().lower() for s in _samples(mined_dir)]
+    figures.update(ivf_recall10(captions))
+    figures["samples"] = len(captions)
     manifest = storage.join(mined_dir, "manifest.json")
     if storage.exists(manifest):
         figures["mine_seconds"] = storage.read_json(manifest).get("timings", {}).get("total_s")

@@ -5,9 +5,11 @@ sample). The rules are the same, restated over integer codes so that a shard's p
 checked with a few array operations:
 
 - objects: a claim (name, count) is false when the image has fewer than max(1, min(count, 2))
-  tags of that name;
+  of that name, where the image's number is the larger of the tag's `count` and the own
+  caption's count;
 - attributes: a claim (name, attr) about a name the image has exactly one of is false when the
-  sample already knows (own caption or tags) another attribute of that name in attr's category;
+  sample already knows (own caption or tags) another attribute of that name in attr's category,
+  and not attr itself;
 - relations: a claim (a, r, b) between two once-present names a ≠ b is false when the sample's
   own caption has (a, r', b) with r ∈ OPPOSITE[r'], or (b, r, a) with r asymmetric.
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlforge.pipeline.rewrites import ATTRIBUTE_CATEGORIES
+from vlforge.pipeline.rewrites import ATTRIBUTE_CATEGORIES, tag_count
 
 # Compact graphs: names resolved, as in mine_stage._graph.
 # (((name, count), ...), ((name, attr), ...), ((subject, relation, object), ...))
@@ -174,7 +176,7 @@ def expand(ptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class SampleFacts:
     """What the shard's samples (with tags) know, as codes, for the vectorised rules."""
 
-    present: np.ndarray  # samples × names, int32 tag counts
+    present: np.ndarray  # samples × names, int32: max(tag counts, own caption's count)
     known_attr: np.ndarray  # sorted codes (sample, name, attr id)
     known_cat: np.ndarray  # sorted codes (sample, name, category)
     known_cat_count: np.ndarray  # distinct known attributes per known_cat code
@@ -198,12 +200,16 @@ def sample_facts(
             n = name_id.get(name)
             if n is None:
                 continue
-            present[s, n] += 1
+            present[s, n] += tag_count(tag)
             for a in tag.get("attributes", []):
                 a = a if isinstance(a, str) else a.get("name", "")
                 if a in ATTR_ID:
                     known.add((n, ATTR_ID[a]))
         if own:
+            for name, count in own[0]:
+                # The own caption's objects count as present, as in certainly_false.
+                if name in name_id:
+                    present[s, name_id[name]] = max(present[s, name_id[name]], count)
             for name, a in own[1]:
                 if name in name_id and a in ATTR_ID:
                     known.add((name_id[name], ATTR_ID[a]))
@@ -264,7 +270,7 @@ def certainly_false_pairs(
         hit = facts.known_cat[at] == cat_codes
         in_cat[hit] = facts.known_cat_count[at[hit]]
     self_known = _member(facts.known_attr, base * n_attrs + a)
-    bad = unique & (in_cat - self_known > 0)
+    bad = unique & ~self_known & (in_cat > 0)
     false[which[bad]] = True
     # Relations between once-present objects that the own caption contradicts.
     which, entry = expand(claims.rel_ptr, rows)

@@ -21,14 +21,16 @@ from apache_beam.metrics import Metrics
 from vlforge.pipeline import progress
 from vlforge.pipeline.mine_config import MineConfig
 from vlforge.pipeline.mine_corpus import POSITIVE_MEMBERS, Corpus, SearchSpace
-from vlforge.pipeline.mine_filter import as_sg, certainly_false_pairs, sample_facts
+from vlforge.pipeline.mine_filter import as_sg, certainly_false_pairs, compact_graph, sample_facts
 from vlforge.pipeline.mine_groups import ring_others
-from vlforge.pipeline.mine_scan import ShardScan, parse_json, read_shard
+from vlforge.pipeline.mine_scan import MineInput, gc_paused, parse_json, read_shard
 from vlforge.pipeline.mine_shards import MINE_FIELD, output_path, write_mined_tar, write_stats
 from vlforge.pipeline.neighbours import NeighbourIndex, rerank
 from vlforge.pipeline.rewrites import SlotVocabulary, rewrite
 from vlforge.pipeline.tfidf import stable_hash
 
+# json.dumps(m, sort_keys=True) builds a new encoder per call; one shared encoder, same bytes.
+_ENCODER = json.JSONEncoder(sort_keys=True)
 RERANK_BATCH = 2048  # queries per sparse rerank: bounds the repeated-row matrices' memory
 
 
@@ -41,7 +43,10 @@ def search(
         return np.full((len(rows), 0), -1, np.int64), np.zeros((len(rows), 0), np.float32)
     k = min(candidates + 1, n_texts)
     query_rows = space.sparse[rows]
-    _, found = index.search(space.reducer.transform(query_rows), k)
+    # The queries are indexed texts: grouped by their own IVF list, neighbouring queries probe
+    # mostly the same lists, which then stay in cache (the search is memory-bound).
+    order = np.argsort(index.lists[rows], kind="stable")
+    _, found = index.search(space.reducer.transform(query_rows), k, order)
     ids = np.empty_like(found)
     scores = np.empty(found.shape, np.float32)
     for lo in range(0, len(rows), RERANK_BATCH):
@@ -77,7 +82,7 @@ class _Indexes:
 
 
 def mine_shard(
-    scan: ShardScan, data: bytes, corpus: Corpus, config: MineConfig, indexes: _Indexes
+    scan: MineInput, data: bytes, corpus: Corpus, config: MineConfig, indexes: _Indexes
 ) -> list[dict]:
     """The mine dict of every scanned sample of one shard, in scan order."""
     from vlforge.pipeline.mine_stage import certainly_false
@@ -90,6 +95,7 @@ def mine_shard(
     own_images = images[gids]
     sgs = [parse_json(scan.index.field(data, int(i), "sg.json")) for i in scan.rows]
     tags = [parse_json(scan.index.field(data, int(i), "tags.json")) for i in scan.rows]
+    has_tags = np.fromiter((t is not None for t in tags), bool, n)
 
     # ---- captions: search each distinct text once, then every sample's candidate pairs
     space = corpus.captions_space
@@ -109,9 +115,9 @@ def mine_shard(
     false = np.zeros(len(flat), bool)
     pair_samples, pair_rows = sample_of[flat], safe.ravel()[flat]
     if corpus.claims is not None:
-        tagged = scan.has_tags[pair_samples]
+        tagged = has_tags[pair_samples]
         facts = sample_facts(
-            scan.graphs,
+            [compact_graph(sg) for sg in sgs],
             [(t or {}).get("tags", []) for t in tags],
             {name: i for i, name in enumerate(corpus.detectable)},
             corpus.relations,
@@ -150,13 +156,22 @@ def mine_shard(
     detectable = _detectable_set(corpus.detectable)
     keys, captions = corpus.keys, corpus.captions
     first, t_first = space.groups.first, t_space.groups.first
+    # Each sample's chosen entries as Python lists, cut from arrays computed once per shard.
+    neg_rows, neg_cols = np.nonzero(negative)
+    neg_at = np.searchsorted(neg_rows, np.arange(n + 1))
+    neg_first = first[ids[neg_rows, neg_cols]].tolist()
+    neg_scores = [round(x, 4) for x in scores[neg_rows, neg_cols].tolist()]
+    dup_rows, dup_cols = np.nonzero(duplicate)
+    dup_at = np.searchsorted(dup_rows, np.arange(n + 1))
+    dup_ids = ids[dup_rows, dup_cols].tolist()
+    dup_scores = scores[dup_rows, dup_cols].tolist()
     out = []
     for j in range(n):
         positives = [{"key": keys[g], "caption": captions[g], "score": 1.0} for g in ring[j]]
-        for c in np.flatnonzero(duplicate[j]).tolist():
+        for at in range(dup_at[j], dup_at[j + 1]):
             if len(positives) >= config.k_positives:
                 break
-            r, score = int(ids[j, c]), round(float(scores[j, c]), 4)
+            r, score = dup_ids[at], round(dup_scores[at], 4)
             lo, hi = space.groups.offsets[r], space.groups.offsets[r + 1]
             group = space.groups.members[lo : min(hi, lo + POSITIVE_MEMBERS)]
             positives.extend(
@@ -165,13 +180,9 @@ def mine_shard(
                 if images[g] != own_images[j]
             )
         negatives = [
-            {
-                "key": keys[first[r]],
-                "caption": captions[first[r]],
-                "score": round(float(scores[j, c]), 4),
-            }
-            for c in np.flatnonzero(negative[j]).tolist()
-            for r in (int(ids[j, c]),)
+            {"key": keys[g], "caption": captions[g], "score": neg_scores[at]}
+            for at in range(neg_at[j], neg_at[j + 1])
+            for g in (neg_first[at],)
         ]
         found = [{"key": keys[g], "score": 1.0} for g in t_ring[j]]
         if t_of[j] >= 0:
@@ -228,7 +239,7 @@ def _detectable_set(names: list[str] | None) -> set[str] | None:
 
 
 class MineShards(beam.DoFn):
-    """ShardScan (+ the Corpus side input) → the mined shard written to out_dir, and its counts."""
+    """MineInput (+ the Corpus side input) → the mined shard written to out_dir, and its counts."""
 
     def __init__(self, config: MineConfig, out_dir: str):
         self.config = config
@@ -240,19 +251,23 @@ class MineShards(beam.DoFn):
     def setup(self):
         self._indexes = _Indexes(self.config)
 
-    def process(self, scan: ShardScan, corpus: Corpus):
+    def process(self, scan: MineInput, corpus: Corpus):
         if self._indexes is None:
             self.setup()
-        data = read_shard(scan.shard)
-        mines = mine_shard(scan, data, corpus, self.config, self._indexes)
-        payloads = {
-            int(i): json.dumps(m, sort_keys=True).encode()
-            for i, m in zip(scan.rows.tolist(), mines, strict=True)
-        }
         target = output_path(scan.shard, self.out_dir)
-        write_mined_tar(target, data, scan.index, payloads, MINE_FIELD)
-        counts = write_stats(scan.shard, target, scan.index.keys, scan.rows, mines)
+        with gc_paused():
+            data = read_shard(scan.shard)
+            mines = mine_shard(scan, data, corpus, self.config, self._indexes)
+            payloads = {
+                int(i): _ENCODER.encode(m).encode()
+                for i, m in zip(scan.rows.tolist(), mines, strict=True)
+            }
+            write_mined_tar(target, data, scan.index, payloads, MINE_FIELD)
+            counts = write_stats(scan.shard, target, scan.index.keys, scan.rows, mines)
+            n_negatives = sum(len(m["hard_negatives"]) for m in mines)
+            # Dropped before the collector resumes, so that it does not walk them all once.
+            del mines, payloads, data
         self.written.inc(len(counts))
-        self.negatives.inc(sum(len(m["hard_negatives"]) for m in mines))
+        self.negatives.inc(n_negatives)
         progress.advance(len(counts))
         yield {"shard": target.rsplit("/", 1)[-1], "samples": len(counts)}

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import webdataset as wds
 from apache_beam.io.filesystems import FileSystems
 
 from vlforge.errors import UserError
@@ -41,6 +40,8 @@ def list_shards(source: str) -> list[str]:
 
 def read_samples(path: str) -> Iterator[dict]:
     """{"__key__": str, ext: bytes, ...} per sample, in the tar's order."""
+    import webdataset as wds  # here: it imports torch (seconds), and the stage never reads
+
     try:
         with FileSystems.open(path, compression_type=storage.RAW) as handle:
             stream = io.BytesIO(handle.read())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")
 _REGULAR = (b"0", b"\0", b"7")
@@ -83,7 +84,7 @@ def _members(data: bytes | memoryview) -> Iterator[tuple[str, bytes, int, int, i
     headers: list[int] = []
     while pos + BLOCK <= total:
         header = bytes(data[pos : pos + BLOCK])
-        if header.count(0) == BLOCK:
+        if header == _ZERO_BLOCK:
             break
         headers.append(pos)
         if len(headers) == 1:
@@ -103,7 +104,9 @@ def _members(data: bytes | memoryview) -> Iterator[tuple[str, bytes, int, int, i
             payload = bytes(data[body : body + size])
             if kind == b"L":
                 long_name = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            elif kind == b"x":
+            elif kind == b"x" and (b"path=" in payload or b"size=" in payload):
+                # Only path and size matter here; most pax headers carry just a float mtime
+                # (webdataset's TarWriter writes one per member), so skip parsing those.
                 pax.update(_pax_records(payload))
             pos = following
             if kind == b"g":
@@ -124,12 +127,14 @@ def _members(data: bytes | memoryview) -> Iterator[tuple[str, bytes, int, int, i
 
 def _check_sums(data: bytes | memoryview, headers: list[int]) -> None:
     """Every header's checksum, in numpy (summing 512 bytes in Python per member was slow)."""
-    raw = np.frombuffer(data, np.uint8)
+    # Headers start on 512-byte boundaries (every member is padded to whole blocks), so the
+    # archive viewed as rows of 512 bytes has one header per chosen row: a row gather.
+    raw = np.frombuffer(data, np.uint8, count=len(data) // BLOCK * BLOCK).reshape(-1, BLOCK)
     for lo in range(0, len(headers), 4096):
         starts = np.asarray(headers[lo : lo + 4096], np.int64)
-        blocks = raw[starts[:, None] + np.arange(BLOCK)[None, :]].astype(np.int64)
-        field = blocks[:, 148:156]
-        computed = blocks.sum(axis=1) - field.sum(axis=1) + 8 * 32
+        blocks = raw[starts // BLOCK]
+        field = blocks[:, 148:156].astype(np.int64)
+        computed = blocks.sum(axis=1, dtype=np.int64) - field.sum(axis=1) + 8 * 32
         # The stored sum is octal text; its digits alone give its value in every tar writer's
         # layout ("0001234\0 ", "  1234 \0"). Disagreements get tarfile's full rules below.
         digits = (field >= 48) & (field <= 55)

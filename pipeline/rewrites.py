@@ -14,8 +14,10 @@ a relation that the original one implies or nearly implies ("left of" → "next 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -82,11 +84,14 @@ NEARNESS = frozenset({"near", "next to", "beside", "by", "with"})
 MIN_COUNT = 2  # a value seen once may be a parse error; do not spread it
 
 
+_CATEGORY_OF: dict[str, str] = {}
+for _category, _words in ATTRIBUTE_CATEGORIES.items():
+    for _word in _words:
+        _CATEGORY_OF.setdefault(_word, _category)
+
+
 def attribute_category(name: str) -> str:
-    for category, words in ATTRIBUTE_CATEGORIES.items():
-        if name in words:
-            return category
-    return "other"
+    return _CATEGORY_OF.get(name, "other")
 
 
 def relation_compatible(original: str, candidate: str) -> bool:
@@ -212,10 +217,16 @@ class SlotVocabulary:
         self.table: dict = table or {kind: {} for kind in KINDS}
         self._names: dict[str, list[str]] = {}  # cached by names(); add() clears it
         self._counts: dict[tuple[str, str], int] = {}  # cached by count(); add() clears it
+        # Per-sample rewriting filters the same lists again and again: the parts that depend
+        # only on the vocabulary are cached here (add() clears them).
+        self._options: dict[tuple[str, str], list[str]] = {}
+        self._surfaces: dict[tuple[str, str, str], str] = {}
 
     def add(self, kind: str, name: str, form: str, surface: str, count: int = 1) -> None:
         self._names.clear()
         self._counts.clear()
+        self._options.clear()
+        self._surfaces.clear()
         forms = self.table[kind].setdefault(name, {})
         surfaces = forms.setdefault(form, {})
         surfaces[surface] = surfaces.get(surface, 0) + count
@@ -251,24 +262,56 @@ class SlotVocabulary:
             self._names[kind] = sorted(n for n in names if self.count(kind, n) >= MIN_COUNT)
         return self._names[kind]
 
+    def attributes_in(self, category: str) -> list[str]:
+        """names("attribute") of one category, in the same order."""
+        key = ("attribute", category)
+        if key not in self._options:
+            self._options[key] = [
+                n for n in self.names("attribute") if attribute_category(n) == category
+            ]
+        return self._options[key]
+
+    def relations_for(self, original: str) -> list[str]:
+        """names("relation") that may replace `original` (see relation_compatible)."""
+        key = ("relation", original)
+        if key not in self._options:
+            self._options[key] = [
+                n for n in self.names("relation") if relation_compatible(original, n)
+            ]
+        return self._options[key]
+
     def surface(self, kind: str, name: str, form: str = "-") -> str:
         """The commonest written form; for an unseen plural, the regular plural of the name."""
-        surfaces = self.table[kind].get(name, {}).get(form)
-        if surfaces:
-            return min(surfaces.items(), key=lambda kv: (-kv[1], kv[0]))[0]
-        if kind == "object" and form == "plural":
-            return pluralize(name)
-        return name
+        key = (kind, name, form)
+        if key not in self._surfaces:
+            surfaces = self.table[kind].get(name, {}).get(form)
+            if surfaces:
+                best = min(surfaces.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+            elif kind == "object" and form == "plural":
+                best = pluralize(name)
+            else:
+                best = name
+            self._surfaces[key] = best
+        return self._surfaces[key]
 
 
 # ---- rewriting ----------------------------------------------------------------------------
 
 
 def _choose(rng: np.random.Generator, vocab: SlotVocabulary, kind: str, options: list[str]):
+    """One option, drawn with probability proportional to its corpus count.
+
+    The same draw as rng.choice(len(options), p=weights / weights.sum()) (one rng.random(),
+    the same float operations, so the same answer and rng state) without its per-call
+    validation, which cost more than the rest of a rewrite at a million samples.
+    """
     if not options:
         return None
-    weights = np.array([vocab.count(kind, o) for o in options], dtype=np.float64)
-    return options[int(rng.choice(len(options), p=weights / weights.sum()))]
+    weights = [float(vocab.count(kind, o)) for o in options]
+    total = sum(weights)  # integer counts: exact in any summation order, as numpy's sum is
+    cdf = list(accumulate(w / total for w in weights))  # np.cumsum adds in this order too
+    last = cdf[-1]
+    return options[bisect_right([c / last for c in cdf], rng.random())]
 
 
 def rewrite(
@@ -296,7 +339,11 @@ def rewrite(
     # (never "background" into "circle"), and attributes/relations of objects the image has one
     # of (with two circles, "the blue circle" may be the other one).
     checked = image_tags is not None and detectable is not None
-    in_image = Counter(str(t.get("name")) for t in (image_tags or {}).get("tags", []))
+    in_image: Counter = Counter()
+    for tag in (image_tags or {}).get("tags", []):
+        # tags.json lists a name once with its detected instances (`count`, 1 in older shards):
+        # with two hexagons, recolouring "the hexagon" may describe the other one.
+        in_image[str(tag.get("name"))] += tag_count(tag)
     in_caption: Counter = Counter()
     for obj in objects.values():
         in_caption[obj["name"]] += int(obj.get("count", 1))
@@ -349,17 +396,14 @@ def rewrite(
                     if objects.get(a["object"], {}).get("name") == owner["name"]
                 }
                 taken |= tag_attributes.get(owner["name"], set())
-                category = attribute_category(name)
                 options = [
-                    n
-                    for n in vocab.names("attribute")
-                    if n not in taken and attribute_category(n) == category
+                    n for n in vocab.attributes_in(attribute_category(name)) if n not in taken
                 ]
                 form = "-"
             else:
                 if not (vouched(entry["subject"]) and vouched(entry["object"])):
                     continue
-                options = [n for n in vocab.names("relation") if relation_compatible(name, n)]
+                options = vocab.relations_for(name)
                 form = "-"
             new = _choose(rng, vocab, kind, options)
             if new is None:
@@ -377,6 +421,19 @@ def rewrite(
             )
             made += 1
     return out
+
+
+def tag_count(tag: dict) -> int:
+    """How many instances a tags.json entry stands for.
+
+    featurize lists each class name once with `count`, its detected objects; shards written
+    before that field have one entry per name, i.e. a count of 1.
+    """
+    try:
+        count = int(tag.get("count", 1))
+    except (TypeError, ValueError):
+        return 1
+    return max(1, count)
 
 
 def _tag_sets(tags: dict | None) -> tuple[set[str], dict[str, set[str]]]:

@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import pickle
 from pathlib import Path
 
+import apache_beam as beam
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import vlforge.cli
 from tests.conftest import run_cli
-from vlforge.featurize.detector import BACKGROUND, DetectorConfig, build_detector, save_detector
+from vlforge.featurize.beam_stage import (
+    ChannelsLastBoxHead,
+    GatherRoIAlign,
+    ReadShards,
+    optimize_for_inference,
+    parts_per_shard,
+)
+from vlforge.featurize.detector import (
+    BACKGROUND,
+    DetectorConfig,
+    build_detector,
+    load_detector,
+    save_detector,
+)
+from vlforge.featurize.regions import RegionExtractor, decode_image
 from vlforge.featurize.shards import read_raw_samples, safe_decoder, write_shard
 from vlforge.world.render import render_scene
 from vlforge.world.scene import SHAPES, sample_scene
@@ -208,3 +227,143 @@ def test_image_bytes_decode_to_rgb():
     decoded = safe_decoder()({"__key__": "k", "jpg": jpeg(0, (40, 30))})
     assert decoded["jpg"].shape == (30, 40, 3) and decoded["jpg"].dtype == np.uint8
     assert Image.open(io.BytesIO(jpeg(0))).size == (256, 256)
+
+
+def _npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _assert_regions_equal_plain_loop(out: str, weights: str) -> None:
+    """The shards in `out` hold what a plain one-image-per-call loop computes.
+
+    Float32 rounding differs between the two (batch sizes, folded BN, gather RoIAlign), so two
+    proposals whose confidences tie to ~1e-7 may trade places; anything else must agree to the
+    float16 the features are stored in.
+    """
+    model, meta = load_detector(weights)
+    plain = RegionExtractor(model.eval(), meta["class_names"])
+    rows = same = 0
+    for name in ("corpus-000000", "corpus-000001"):
+        for sample in read_raw_samples(f"{out}/{name}.tar"):
+            (ref,) = plain.extract([decode_image(sample["jpg"])[0]])
+            boxes, feats = _npy(sample["boxes.npy"]), _npy(sample["feats.npy"])
+            cls_prob = _npy(sample["cls_prob.npy"])
+            assert len(boxes) == len(ref), sample["__key__"]
+            for k in range(len(ref)):
+                rows += 1
+                if np.abs(boxes[k] - ref.boxes[k]).max() > 1e-3:
+                    continue  # a tie that rounding broke the other way
+                same += 1
+                np.testing.assert_allclose(
+                    feats[k].astype(np.float32),
+                    ref.feats[k].astype(np.float32),
+                    rtol=2e-3,
+                    atol=1e-4,
+                )
+                np.testing.assert_allclose(
+                    cls_prob[k].astype(np.float32), ref.cls_prob[k].astype(np.float32), atol=1e-3
+                )
+    assert rows >= 50 and same >= 0.95 * rows
+
+
+def test_stage_regions_equal_the_per_image_extractor(shards, featurized):
+    """The stage (batched, optimised model) writes what the plain per-image extractor computes."""
+    _, weights = shards
+    out, manifest = featurized
+    assert manifest["config"]["optimize"] is True
+    _assert_regions_equal_plain_loop(out, weights)
+
+
+def test_worker_threads_write_the_same_regions(shards, tmp_path):
+    """--workers 2 (threads, the CLI's default mode): parts spread, same shards and regions."""
+    from vlforge.featurize.beam_stage import featurize_shards, use_worker_threads
+    from vlforge.pipeline.beam_options import build_options
+
+    src, weights = shards
+    options = use_worker_threads(build_options([], 2))
+    manifest = featurize_shards(src, str(tmp_path), weights, batch_size=4, options=options)
+    assert manifest["config"]["parts_per_shard"] == 4  # 2 shards → 8 items for 2 workers
+    assert manifest["counts"]["images"] == 6 and manifest["counts"]["empty_with_reason"] == 1
+    for name in ("corpus-000000", "corpus-000001"):
+        keys = [s["__key__"] for s in read_raw_samples(f"{tmp_path}/{name}.tar")]
+        assert keys == [s["__key__"] for s in read_raw_samples(f"{src}/{name}.tar")]
+    _assert_regions_equal_plain_loop(str(tmp_path), weights)
+
+
+def _odd_batchnorm(model: nn.Module, frozen: bool) -> None:
+    """Give every BN non-trivial statistics (fresh ones are the identity), or swap in
+    torchvision's FrozenBatchNorm2d (what the published ResNet detectors use)."""
+    generator = torch.Generator().manual_seed(3)
+    for parent in list(model.modules()):
+        for name, bn in list(parent.named_children()):
+            if not isinstance(bn, nn.BatchNorm2d):
+                continue
+            c = bn.num_features
+            if frozen:
+                bn = FrozenBatchNorm2d(c, eps=bn.eps)
+                setattr(parent, name, bn)
+            with torch.no_grad():
+                bn.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                bn.bias.copy_(0.1 * torch.randn(c, generator=generator))
+                bn.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
+                bn.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_optimized_detector_computes_the_same_function(frozen):
+    torch.manual_seed(1)
+    model = build_detector(CLASSES, DetectorConfig()).eval()
+    _odd_batchnorm(model, frozen)
+    fast = optimize_for_inference(copy.deepcopy(model))
+    norms = (nn.BatchNorm2d, FrozenBatchNorm2d)
+    assert not any(isinstance(m, norms) for m in fast.backbone.modules())  # all folded
+    assert isinstance(fast.roi_heads.box_roi_pool, GatherRoIAlign)
+    assert isinstance(fast.roi_heads.box_head, ChannelsLastBoxHead)
+    images = torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    sizes = [(256, 256)] * 3
+    boxes = [
+        torch.tensor(
+            [
+                [10.0, 20.0, 60.0, 90.0],
+                [0.0, 0.0, 256.0, 256.0],  # level 4 (sqrt(area) >= 224)
+                [-120.0, -80.0, 380.0, 400.0],  # past the image on every side: level 5
+                [250.0, 250.0, 256.0, 256.0],  # the last cells
+                [30.2, 40.7, 30.5, 40.9],  # under a pixel: RoIAlign's 1-cell minimum
+                [-8.0, 100.0, 3.0, 130.0],  # samples left of 0 and below -1
+            ]
+        ),
+        torch.zeros((0, 4)),  # an image without boxes
+        torch.tensor([[5.0, 5.0, 120.0, 40.0], [100.5, 10.25, 255.9, 200.0]]),
+    ]
+    with torch.inference_mode():
+        ref = model.backbone(images)
+        got = fast.backbone(images)
+        assert list(got) == list(ref)
+        for level in ref:
+            scale = float(ref[level].abs().max())
+            torch.testing.assert_close(got[level], ref[level], rtol=0, atol=1e-5 * scale)
+        pooled_ref = model.roi_heads.box_roi_pool(ref, boxes, sizes)
+        pooled = fast.roi_heads.box_roi_pool(ref, boxes, sizes)
+        assert pooled.shape == pooled_ref.shape == (8, 64, 7, 7)
+        torch.testing.assert_close(pooled, pooled_ref, rtol=1e-5, atol=1e-6)
+        head_ref = model.roi_heads.box_head(pooled_ref)
+        torch.testing.assert_close(fast.roi_heads.box_head(pooled), head_ref, rtol=1e-4, atol=1e-5)
+        # The box head also reads an ordinary (NCHW-contiguous) input correctly.
+        torch.testing.assert_close(
+            fast.roi_heads.box_head(pooled_ref), head_ref, rtol=1e-4, atol=1e-5
+        )
+        empty = fast.roi_heads.box_roi_pool(ref, [torch.zeros((0, 4))] * 3, sizes)
+        assert empty.shape == (0, 64, 7, 7)
+
+
+def test_read_shards_spreads_parts_and_reads_every_sample_once(shards):
+    src, _ = shards
+    paths = [f"{src}/corpus-000000.tar", f"{src}/corpus-000001.tar"]
+    expected = [(p.rsplit("/", 1)[-1][:-4], i) for p in paths for i in range(3)]
+    with beam.Pipeline() as pipeline:
+        keys = pipeline | ReadShards(paths, parts=4) | beam.Keys()
+        assert_that(keys, equal_to(expected))
+    assert parts_per_shard(1, 2) == 8  # one shard still feeds both workers
+    assert parts_per_shard(4, 2) == 2
+    assert parts_per_shard(500, 2) == 1
+    assert parts_per_shard(3, 1) == 1

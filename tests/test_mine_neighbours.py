@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from vlforge.pipeline.neighbours import (
@@ -63,3 +64,30 @@ def test_rerank_orders_by_exact_cosine_then_id_and_drops_missing():
     assert ids.tolist() == [[0, 2, 1, 3, -1]]
     np.testing.assert_allclose(scores[0, :4], [1, 1, 0.6, 0])
     assert scores[0, 4] == -np.inf
+
+
+def test_search_order_and_storage_do_not_change_the_answers():
+    x = unit_vectors(6000, 32)
+    for storage in ("fp16", "flat"):
+        index = NeighbourIndex(
+            x, NeighbourConfig(ivf_threshold=1000, use_gpu=False, storage=storage)
+        )
+        assert index.kind == "ivf"
+        # Each vector sits in the list the coarse quantizer assigns it to.
+        _, nearest = index.index.quantizer.search(x, 1)
+        np.testing.assert_array_equal(index.lists, nearest[:, 0])
+        plain = index.search(x[:700], 10)
+        order = np.argsort(index.lists[:700], kind="stable")
+        grouped = NeighbourIndex(
+            x, NeighbourConfig(ivf_threshold=1000, use_gpu=False, storage=storage, batch_size=64)
+        ).search(x[:700], 10, order)
+        np.testing.assert_array_equal(plain[1], grouped[1])
+        _, exact = exact_search(x, x[:700], 10)
+        assert recall_at_k(plain[1], exact) >= 0.95
+    restored = NeighbourIndex.from_bytes(index.to_bytes(), NeighbourConfig(use_gpu=False))
+    np.testing.assert_array_equal(restored.lists, index.lists)
+
+
+def test_unknown_storage_is_refused():
+    with pytest.raises(ValueError, match="storage"):
+        NeighbourIndex(unit_vectors(2000, 8), NeighbourConfig(ivf_threshold=100, storage="pq"))

@@ -8,6 +8,7 @@ import pytest
 from vlforge.pipeline.mine_eval import one_slot_apart
 from vlforge.pipeline.rewrites import (
     SlotVocabulary,
+    _choose,
     apply_edit,
     indefinite_article,
     pluralize,
@@ -142,10 +143,16 @@ def test_relations_without_a_side_are_never_swapped():
     assert not relation_compatible("on", "above")
 
 
-def test_with_tags_only_detectable_unique_things_are_swapped(parsed):
+@pytest.mark.parametrize(
+    "two_circles",
+    [
+        {"tags": [{"name": n} for n in ("circle", "circle", "square")]},  # before `count`
+        {"tags": [{"name": "circle", "count": 2}, {"name": "square", "count": 1}]},
+    ],
+)
+def test_with_tags_only_detectable_unique_things_are_swapped(parsed, two_circles):
     _, graphs, vocab = parsed
     caption = CASES[0]  # a red circle to the left of a blue square
-    two_circles = {"tags": [{"name": n} for n in ("circle", "circle", "square")]}
     detectable = {"circle", "square", "triangle", "star", "heart"}
     for seed in range(10):
         rng = np.random.default_rng(seed)
@@ -158,3 +165,20 @@ def test_with_tags_only_detectable_unique_things_are_swapped(parsed):
                 assert edit["from"] == "blue"
             if edit["kind"] == "object":
                 assert edit["to"] in detectable - {"circle", "square"}
+
+
+def test_weighted_choice_is_numpys_draw():
+    """_choose skips rng.choice's validation but must draw exactly what it draws."""
+    meta = np.random.default_rng(7)
+    for _ in range(2000):
+        options = [f"v{i}" for i in range(int(meta.integers(1, 30)))]
+        counts = meta.integers(1, 10 ** int(meta.integers(1, 7)), size=len(options))
+        vocab = SlotVocabulary()
+        for name, count in zip(options, counts.tolist(), strict=True):
+            vocab.add("object", name, "singular", name, count)
+        seed = int(meta.integers(2**63))
+        ours, numpys = np.random.default_rng(seed), np.random.default_rng(seed)
+        weights = counts.astype(np.float64)
+        want = options[int(numpys.choice(len(options), p=weights / weights.sum()))]
+        assert _choose(ours, vocab, "object", options) == want
+        assert ours.random() == numpys.random()  # the same state afterwards
