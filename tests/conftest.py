@@ -10,6 +10,18 @@ import pytest
 from vlforge.cli import main
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Detector tests at one torch thread: two OpenMP threads on a shared two-core machine stall
+    at every barrier; one does not."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def world_server():
     from vlforge.world.server import WorldServer

@@ -20,13 +20,7 @@ from vlforge.featurize.train_detector import (
     world_example,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_attribute_loss_splits_the_target_over_the_true_attributes():

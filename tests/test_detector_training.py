@@ -26,14 +26,7 @@ from vlforge.featurize.train_detector import (
     world_example,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a shared two-core machine stall at every barrier; one does not.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_loss_falls_on_a_tiny_run():

@@ -25,17 +25,11 @@ from vlforge.world.scene import SHAPES, sample_scene
 CLASSES = [BACKGROUND, *SHAPES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a shared two-core machine stall at every barrier; one does not.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def extractor(one_thread) -> RegionExtractor:
+def extractor(one_torch_thread) -> RegionExtractor:
     torch.manual_seed(0)  # random init: enough to check shapes, ranges and the selection floor
     return RegionExtractor(build_detector(CLASSES, DetectorConfig()), CLASSES)
 

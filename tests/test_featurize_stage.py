@@ -42,13 +42,7 @@ from vlforge.world.scene import SHAPES, sample_scene
 CLASSES = [BACKGROUND, *SHAPES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a shared two-core machine stall at every barrier; one does not.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
