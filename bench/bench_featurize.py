@@ -17,7 +17,13 @@ pooled features, class distribution), encode boxes/feats/cls_prob as .npy and th
   show what parallelism alone gives.
 
 Every measurement is repeated --repeats times, interleaved, and the median is reported (the
-machine is shared; min..max are printed). The 1-minute load average is sampled around the run.
+machine is shared; min..max are printed), with the CPU-ms per image each variant spent (all its
+threads and worker processes), which load distorts far less than the wall clock. Before each
+round the bench measures how many cores --workers busy threads actually get: with the kernel's
+autogroup scheduling (/proc/sys/kernel/sched_autogroup_enabled) CPU time is shared per session,
+so while any other session is busy this benchmark gets about one of two cores however many
+workers it starts, and the worker variants cannot show their parallelism. The load average and
+the usable cores go into the results row.
 Prints images/s and the ratio to the faster loop (target >= 1.5x), and appends a row to
 bench/results.md with the date and the machine.
 
@@ -39,6 +45,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,10 +63,40 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
-def machine(loads: list[float]) -> str:
+def usable_cores(threads: int, seconds: float = 1.5) -> float:
+    """CPU-seconds per second that `threads` busy threads get right now (at most `threads`).
+
+    Each runs one-thread convolutions, which release the GIL, so on an idle machine the answer
+    is min(threads, CPUs); less means other work (or the scheduler's per-session share) takes
+    the rest.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x, w = torch.randn(1, 32, 64, 64), torch.randn(32, 32, 3, 3)
+    stop = time.perf_counter() + seconds
+
+    def spin() -> None:
+        with torch.inference_mode():
+            while time.perf_counter() < stop:
+                torch.nn.functional.conv2d(x, w, padding=1)
+
+    workers = [threading.Thread(target=spin) for _ in range(threads)]
+    cpu, wall = time.process_time(), time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    got = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    torch.set_num_threads(before)
+    return got
+
+
+def machine(loads: list[float], cores: list[float], workers: int) -> str:
     return (
         f"{platform.machine()}, {os.cpu_count()} CPUs, load {min(loads):.1f}..{max(loads):.1f}"
-        " (shared)"
+        f" (shared), {workers} busy threads got {min(cores):.1f}..{max(cores):.1f} cores"
     )
 
 
@@ -176,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     loads = [os.getloadavg()[0]]
+    cores: list[float] = []
     for _ in range(args.repeats):  # interleaved, so a burst of load hits every variant alike
+        cores.append(usable_cores(w))
         for name, run in runs.items():
             cpu_before = cpu_seconds()
             seconds[name].append(run())
@@ -202,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{rate[f'stage, {w} processes'] / peer:.2f}x with {w} processes (target >= 1.5x)"
     )
     print(f"load average (1 min) during the run: {min(loads):.1f}..{max(loads):.1f}")
+    print(f"{w} busy threads got {min(cores):.2f}..{max(cores):.2f} cores (before each round)")
     if not args.no_record:
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         setup = (
@@ -211,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "optimize_for_inference (BN folded, channels-last, gather RoIAlign), start-up included"
         )
         line = (
-            f"| {now} | {machine(loads)} | featurize: RunInference vs per-image loop | {setup} | "
+            f"| {now} | {machine(loads, cores, w)} | featurize: RunInference vs per-image loop | {setup} | "
             f"stage {ours:.1f} images/s with {w} worker threads, "
             f"{rate[f'stage, {w} processes']:.1f} with {w} processes, "
             f"{rate['stage, 1 worker']:.1f} with 1 worker, "
