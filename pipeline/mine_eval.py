@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from vlforge.pipeline import storage
-from vlforge.pipeline.mine_shards import list_shards, read_samples
+from vlforge.pipeline.mine_scan import index_shard, read_shard
+from vlforge.pipeline.mine_shards import list_shards
 from vlforge.pipeline.neighbours import NeighbourConfig, NeighbourIndex, exact_search, recall_at_k
 from vlforge.pipeline.rewrites import apply_edit
 from vlforge.pipeline.tfidf import doc_frequencies, fit_reducer, idf_from_df, tfidf
@@ -212,13 +213,17 @@ def _samples(mined_dir: str) -> Iterator[dict]:
     not fit in memory together (the 1M bench grew past 17 GB).
     """
     for path in list_shards(mined_dir):
-        for sample in read_samples(path):
+        # The stage's own tar index, not tarfile: a pax header per member made reading a
+        # million samples through tarfile take minutes per pass.
+        data = read_shard(path)
+        index = index_shard(path, data)
+        for i, key in enumerate(index.keys):
             yield {
-                "key": sample["__key__"],
-                "caption": sample.get("txt", b"").decode("utf-8", "replace"),
-                "meta": sample.get("json"),
-                "sg": sample.get("sg.json"),
-                "mine": sample.get("mine.json"),
+                "key": key,
+                "caption": (index.field(data, i, "txt") or b"").decode("utf-8", "replace"),
+                "meta": index.field(data, i, "json"),
+                "sg": index.field(data, i, "sg.json"),
+                "mine": index.field(data, i, "mine.json"),
             }
 
 
