@@ -313,6 +313,8 @@ def test_optimized_detector_computes_the_same_function(frozen):
     assert not any(isinstance(m, norms) for m in fast.backbone.modules())  # all folded
     assert isinstance(fast.roi_heads.box_roi_pool, GatherRoIAlign)
     assert isinstance(fast.roi_heads.box_head, ChannelsLastBoxHead)
+    if torch.backends.mkldnn.is_available():  # the oneDNN path is the one under test
+        assert fast.roi_heads.box_head.fc6.packed is not None
     images = torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(2))
     sizes = [(256, 256)] * 3
     boxes = [
