@@ -383,3 +383,29 @@ def test_env_does_not_leak(tmp_path):
     import vlforge.train.tokenizer  # noqa: F401
 
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def _hook_adds_caption_lengths(batch, ctx):
+    # module-level, so it pickles into loader workers like a recipe's own hook
+    batch["caption_chars"] = torch.tensor([len(c) for c in ctx.captions])
+    batch["saw_tags"] = [("tags.json" in s) for s in ctx.visual_samples]
+
+
+def test_batch_hook_sees_rows_and_adds_keys():
+    from vlforge.train.collate import Assembler, BatchSpec
+
+    samples = [
+        {"__key__": f"k{i}", "txt": f"a red circle number {i}", "tags.json": {"tags": []}}
+        for i in range(4)
+    ]
+    tok = train_wordpiece([s["txt"] for s in samples], 64)
+    spec = BatchSpec(
+        inputs=frozenset({"text"}),
+        tasks={"mlm": 1.0},
+        hook=_hook_adds_caption_lengths,
+        extra_fields=("tags.json",),
+    )
+    assert "tags.json" in spec.fields()[0] and "tags.json" not in spec.fields()[1]
+    batch = Assembler(spec, tok)(samples, np.random.default_rng(0))
+    assert batch["caption_chars"].tolist() == [len(s["txt"]) for s in samples]
+    assert batch["saw_tags"] == [True] * 4

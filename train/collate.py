@@ -14,6 +14,7 @@ pairs    itm_labels (B long: 1 matched, 0 replaced caption or image)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,12 @@ class BatchSpec:
     max_regions: int = 100
     image_size: int = 224
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    # Sample fields a recipe reads beyond its inputs' (e.g. "tags.json", "sg.json"); decoded
+    # when present, never required.
+    extra_fields: tuple[str, ...] = ()
+    # A recipe's own batch additions: a module-level function (picklable, it runs in the loader
+    # workers) called last with the batch and a BatchContext; see Recipe.batch_hook.
+    hook: Callable[[dict[str, Any], BatchContext], None] | None = None
 
     def __post_init__(self) -> None:
         if self.geometry not in GEOMETRIES:
@@ -72,7 +79,26 @@ class BatchSpec:
         if "pixels" in self.inputs:
             required += ["jpg"]
         optional = ["mine.json"] if set(self.tasks) & PAIR_TASKS else []
+        optional += [f for f in self.extra_fields if f not in required + optional]
         return tuple(required + optional), tuple(required)
+
+
+@dataclass
+class BatchContext:
+    """What a recipe's batch hook may read: the rows as the Assembler built them."""
+
+    task: str | None
+    captions: list[str]  # the caption of each row (negatives already swapped in)
+    samples: list[dict[str, Any]]  # the sample each row's caption came from
+    visual_samples: list[dict[str, Any]]  # the sample whose image/regions each row shows
+    itm_labels: np.ndarray  # 1 matched, 0 negative
+    text_rows: np.ndarray  # rows whose text was masked
+    region_rows: np.ndarray  # rows whose regions were masked
+    loss_rows: np.ndarray  # rows whose masked losses count (matched pairs)
+    rng: np.random.Generator  # this batch's RNG (deterministic on resume)
+    spec: BatchSpec
+    tokenizer: TextTokenizer | None
+    random_ids: np.ndarray | None  # non-special token ids, for 10% random replacement
 
 
 def region_geometry(boxes: np.ndarray, dims: int) -> np.ndarray:
@@ -216,6 +242,25 @@ class Assembler:
             batch["pixel_values"] = torch.stack(
                 [image_to_tensor(s["jpg"], spec.image_size) for s in visual_samples]
             )
+        if spec.hook is not None:
+            # The sample each row's caption came from: its own unless a donor caption replaced it.
+            by_caption = {s["txt"]: s for s in samples}
+            text_samples = [by_caption.get(c, samples[i]) for i, c in enumerate(captions)]
+            ctx = BatchContext(
+                task=task,
+                captions=list(captions),
+                samples=text_samples,
+                visual_samples=visual_samples,
+                itm_labels=np.asarray(labels, dtype=np.int64),
+                text_rows=text_rows,
+                region_rows=region_rows,
+                loss_rows=eligible,
+                rng=rng,
+                spec=spec,
+                tokenizer=self.tok,
+                random_ids=getattr(self, "random_ids", None),
+            )
+            spec.hook(batch, ctx)
         return batch
 
     def text(

@@ -223,6 +223,8 @@ def batch_spec(recipe: nn.Module, cfg: TrainConfig) -> BatchSpec:
         max_regions=cfg.max_regions,
         image_size=cfg.image_size or int(recipe_attr(recipe, "image_size", 224)),
         masking=cfg.masking,
+        extra_fields=tuple(recipe_attr(recipe, "extra_fields", ())),
+        hook=getattr(type(recipe), "batch_hook", None),  # the plain function, not bound
     )
 
 

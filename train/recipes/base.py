@@ -103,6 +103,11 @@ class Recipe(nn.Module):
     geometry: int = 0
     region_mask_overlap: bool = False
     conditional_masking: bool = False
+    # Extra sample fields to decode (e.g. "tags.json") and a module-level function
+    # `(batch, BatchContext) -> None` adding this recipe's own batch keys in the loader workers
+    # (see train/collate.py); staticmethod so the class attribute stays a plain function.
+    extra_fields: ClassVar[tuple[str, ...]] = ()
+    batch_hook: ClassVar[Any] = None
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__()
