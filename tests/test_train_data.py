@@ -38,6 +38,26 @@ def caption_of(rng: np.random.Generator) -> tuple[str, str, str]:
     return f"a {c} {s} {RELATIONS[rng.integers(4)]} a {other}", c, s
 
 
+def scene_graph_of(caption: str) -> dict:
+    """sg.json of a caption_of() caption, in the parser's format (token spans, end exclusive)."""
+    tokens = caption.split()
+    rel_end = len(tokens) - 3
+    return {
+        "tokens": tokens,
+        "objects": [
+            {"id": 0, "name": tokens[2], "count": 1, "span": [2, 3]},
+            {"id": 1, "name": tokens[-1], "count": 1, "span": [len(tokens) - 1, len(tokens)]},
+        ],
+        "attributes": [
+            {"object": 0, "name": tokens[1], "span": [1, 2]},
+            {"object": 1, "name": tokens[-2], "span": [len(tokens) - 2, len(tokens) - 1]},
+        ],
+        "relations": [
+            {"subject": 0, "name": " ".join(tokens[3:rel_end]), "object": 1, "span": [3, rel_end]}
+        ],
+    }
+
+
 def render(colour: str, shape: str, size: int = 32) -> bytes:
     """A tiny image whose colour and shape the caption names (so a model can learn the pairing)."""
     rgb = {
@@ -82,6 +102,7 @@ def make_shards(
                 logits = rng.normal(size=(n, N_CLASSES))
                 prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
                 other, _, _ = caption_of(rng)
+                top = [{"name": "large", "score": 0.6}, {"name": colour, "score": 0.9}]
                 w.write(
                     {
                         "__key__": f"k{s:02d}{i:04d}",
@@ -91,6 +112,13 @@ def make_shards(
                         "boxes.npy": boxes,
                         "feats.npy": feats.astype(np.float16),
                         "cls_prob.npy": prob.astype(np.float16),
+                        "tags.json": {
+                            "tags": [
+                                {"name": shape, "score": 0.99, "count": 1, "attributes": top},
+                                {"name": SHAPES[(SHAPES.index(shape) + 1) % 3], "score": 0.7},
+                            ]
+                        },
+                        "sg.json": scene_graph_of(caption),
                         "mine.json": {
                             "hard_negatives": [{"caption": other, "key": "x", "score": 0.5}],
                             "rewrites": [],

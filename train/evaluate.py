@@ -229,6 +229,10 @@ def evaluate(
             steps.append(("itm", lambda: ev.itm_accuracy(samples)))
         if _has(model, "mlm_logits") and "text" in spec.inputs:
             steps.append(("mlm", lambda: ev.mlm_accuracy(samples)))
+        if _has(model, "extra_metrics"):
+            # A recipe's own figures (QA accuracy, reconstruction error, …): it gets the
+            # evaluator (its batches, tokenizer, device) and the held-out samples.
+            steps.append(("recipe metrics", lambda: model.extra_metrics(ev, samples)))
         if zeroshot and _has(model, "encode_image") and _has(model, "encode_text"):
             for name, labels in zeroshot.items():
                 steps.append(
