@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench world corpus clean
+.PHONY: install demo test lint format bench bench-recipes world corpus clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: $(STAMP)
 	@for b in bench/bench_parser.py bench/bench_featurize.py bench/bench_mine.py \
 		bench/bench_train_step.py bench/bench_train_loader.py; do \
 		if [ -f $$b ]; then $(BIN)/python $$b || exit 1; fi; done
+
+# The suite table (all recipes, same budget, on the demo world's shards): run `make demo` first.
+bench-recipes: $(STAMP)
+	$(BIN)/python bench/bench_recipes.py
 
 world: $(STAMP)
 	$(BIN)/vlforge world make --n 1000 --seed 0 --out runs/world/urls.parquet

@@ -1,0 +1,192 @@
+"""The suite table: every registered recipe trained with the same step budget, batch and seed on
+the demo world, then evaluated on the demo's held-out shard — the project's analogue of the
+survey's comparison table (`make bench-recipes`).
+
+Reads what `make demo` left in runs/demo (mined shards, the manifest's train/eval split, the
+tokenizer and the detector), so every recipe sees the same data and vocabulary. Per recipe:
+parameters, training samples/s, the final value of each pretraining loss (mean of the last
+logged steps), retrieval R@1 both ways and ITM accuracy on held-out pairs (zero-shot accuracy for
+`clip`; reconstruction error and image-token likelihood for `dvae`/`dalle`). The table is printed
+and appended to bench/results.md under a dated heading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from results_table import RESULTS, machine
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = "circle,square,triangle,star,hexagon,heart"
+COLOURS = "red,green,blue,yellow,orange,purple,white,black"
+
+
+def recipe_names() -> list[str]:
+    sys.path.insert(0, str(ROOT))
+    from vlforge.train.recipes import list_recipes
+
+    return list_recipes()
+
+
+def run(argv: list[str], log: Path) -> None:
+    with log.open("a") as handle:
+        handle.write(f"$ vlforge {' '.join(argv)}\n")
+        handle.flush()
+        code = subprocess.call(
+            [sys.executable, "-m", "vlforge.cli", *argv], stdout=handle, stderr=handle, cwd=ROOT
+        )
+    if code:
+        raise RuntimeError(f"vlforge {argv[0]} failed (exit {code}); see {log}")
+
+
+def final_losses(run_dir: Path, last: int) -> dict[str, float]:
+    """Mean over the last `last` logged steps of every loss the run logged."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    skip = {"step", "lr", "samples_per_s", "grad_norm"}
+    out: dict[str, list[float]] = {}
+    for r in rows[-last:]:
+        for k, v in r.items():
+            if k in skip or k.endswith("_bytes") or not isinstance(v, int | float):
+                continue
+            if math.isfinite(v):
+                out.setdefault(k, []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def samples_per_s(run_dir: Path) -> float:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:]  # first has start-up
+    return sorted(speeds)[len(speeds) // 2] if speeds else float("nan")
+
+
+def parameters(run_dir: Path) -> int:
+    sys.path.insert(0, str(ROOT))
+    from vlforge.train.trainer import load_for_eval
+
+    model, _, _ = load_for_eval(str(run_dir), "cpu")
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", type=Path, default=ROOT / "runs" / "demo")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-recipes")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipes", default="", help="comma-separated subset (default: all)")
+    args = p.parse_args()
+
+    manifest_path = args.demo / "manifest.json"
+    tokenizer = args.demo / "train" / "tokenizer.json"
+    if not manifest_path.is_file() or not tokenizer.is_file():
+        print(f"bench-recipes: no demo run in {args.demo}; run `make demo` first", file=sys.stderr)
+        return 2
+    manifest = json.loads(manifest_path.read_text())
+    train = "::".join(manifest["train_shards"])
+    held_out = manifest["eval_shards"][0]
+    names = [n for n in args.recipes.split(",") if n] or recipe_names()
+    # dalle's image tokens come from the dvae trained in the same run.
+    names.sort(key=lambda n: (n == "dalle", n))
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "bench.log"
+    log.write_text("")
+    # What some recipes read beyond the shards: the demo's detector, the stage-1 dVAE.
+    extra: dict[str, list[str]] = {
+        "vl_bert": ["--set", f"detector_weights={args.demo / 'detector' / 'detector.pt'}"],
+        "dalle": ["--set", f"dvae_ckpt={args.out / 'dvae'}"],
+    }
+    rows = []
+    started = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        run_dir = args.out / name
+        subprocess.call(["rm", "-rf", str(run_dir)])
+        t0 = time.perf_counter()
+        print(f"[{i}/{len(names)}] {name}: training {args.steps} steps …", flush=True)
+        run(
+            ["train", "--recipe", name, "--shards", train, "--out", str(run_dir),
+             "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr",
+             str(args.lr), "--warmup", str(max(1, args.steps // 20)), "--seed", str(args.seed),
+             "--tokenizer", str(tokenizer), "--log-every", "10", "--no-progress",
+             *extra.get(name, [])],
+            log,
+        )  # fmt: skip
+        eval_json = run_dir / "eval.json"
+        run(
+            ["eval", "--ckpt", str(run_dir), "--shards", held_out, "--candidates", "100",
+             "--samples", "200", "--out", str(eval_json),
+             "--zeroshot", f"shapes={SHAPES}", "--zeroshot", f"colours={COLOURS}"],
+            log,
+        )  # fmt: skip
+        figures = json.loads(eval_json.read_text())
+        rows.append(
+            {
+                "recipe": name,
+                "params": parameters(run_dir),
+                "samples_per_s": samples_per_s(run_dir),
+                "losses": final_losses(run_dir, 10),
+                "eval": figures,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(f"    {name}: {rows[-1]['seconds']:.0f} s, eval {short(figures)}", flush=True)
+    total = time.perf_counter() - started
+    table = render(rows, args, total)
+    print(table)
+    with RESULTS.open("a") as handle:
+        handle.write("\n" + table)
+    (args.out / "suite.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"appended to {RESULTS}; {len(rows)} recipes in {total / 60:.1f} min")
+    return 0
+
+
+def short(figures: dict) -> str:
+    keys = ("retrieval_i2t_r1", "retrieval_t2i_r1", "itm_accuracy", "zeroshot_shapes_acc")
+    return ", ".join(f"{k} {figures[k]:.3f}" for k in keys if k in figures)
+
+
+def cell(figures: dict, key: str) -> str:
+    v = figures.get(key)
+    return f"{v:.3f}" if isinstance(v, int | float) else "–"
+
+
+def render(rows: list[dict], args: argparse.Namespace, total: float) -> str:
+    lines = [
+        f"## Recipe suite, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {machine()}",
+        "",
+        f"`python bench/bench_recipes.py --steps {args.steps}` (`make bench-recipes`): each recipe "
+        f"`small`, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
+        f"on the demo's training shards; eval on its held-out shard (100 candidates for "
+        f"retrieval, 200 pairs for ITM). Total {total / 60:.1f} min.",
+        "",
+        "| recipe | params | samples/s | final losses | i2t R@1 | t2i R@1 | ITM acc | other |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ev = r["eval"]
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["losses"].items()))
+        # Everything else the recipe reports (MLM, zero-shot, QA, reconstruction, likelihood).
+        other = ", ".join(
+            f"{k} {ev[k]:.3f}"
+            for k in sorted(ev)
+            if not k.startswith(("retrieval_", "itm_")) and not k.endswith("_n")
+        )
+        lines.append(
+            f"| {r['recipe']} | {r['params'] / 1e6:.2f}M | {r['samples_per_s']:.0f} | {losses} | "
+            f"{cell(ev, 'retrieval_i2t_r1')} | {cell(ev, 'retrieval_t2i_r1')} | "
+            f"{cell(ev, 'itm_accuracy')} | {other or '–'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
