@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench bench-recipes world corpus clean
+.PHONY: install demo test lint format bench bench-recipes world corpus report clean
 
 install: $(STAMP)
 
@@ -33,7 +33,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_corpus.py
 	@for b in bench/bench_parser.py bench/bench_featurize.py bench/bench_mine.py \
-		bench/bench_train_step.py bench/bench_train_loader.py; do \
+		bench/bench_train_step.py bench/bench_train_loader.py bench/bench_scaling.py; do \
 		if [ -f $$b ]; then $(BIN)/python $$b || exit 1; fi; done
 
 # The suite table (all recipes, same budget, on the demo world's shards): run `make demo` first.
@@ -45,6 +45,11 @@ world: $(STAMP)
 
 corpus: $(STAMP)
 	$(BIN)/vlforge corpus --urls $(URLS) --out $(OUT)
+
+# The demo's corpus and training run as one static page (override CORPUS/RUN/OUT for others).
+report: $(STAMP)
+	$(BIN)/vlforge report --corpus $(or $(CORPUS),runs/demo/corpus) \
+		--run $(or $(RUN),runs/demo/train) --out $(or $(OUT),runs/demo/report)
 
 clean:
 	rm -rf runs bench/work

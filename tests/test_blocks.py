@@ -138,15 +138,20 @@ def test_region_embeddings_and_global_region():
     assert g[0, 0].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0] and m[0].tolist() == [1, 1, 1, 0]
 
 
-def test_mask_embedding_marks_only_zeroed_masked_regions():
+def test_mask_embedding_marks_every_zeroed_region():
     emb = RegionEmbeddings(4, 0, 8, part_norm=True, mask_embedding=True)
     feats = torch.tensor([[[0.0] * 4, [1.0, 2.0, 3.0, 4.0], [0.0] * 4]])
-    masked = torch.tensor([[True, True, False]])  # masked+zeroed, masked+kept, padding
+    # masked+zeroed, masked+kept, zeroed in a row whose losses do not count (not in `masked`)
+    masked = torch.tensor([[True, True, False]])
     seen = []
     emb.feat.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
     emb(feats, masked=masked)
     torch.testing.assert_close(seen[0][0, 0], emb.mask.detach())
-    torch.testing.assert_close(seen[0][0, 1:], feats[0, 1:])
+    torch.testing.assert_close(seen[0][0, 1], feats[0, 1])  # the 10% kept stay unmarked
+    torch.testing.assert_close(seen[0][0, 2], emb.mask.detach())
+    # Without it, that row would reach the part LayerNorm as a constant vector.
+    out = emb(feats)
+    assert torch.isfinite(out).all()
 
 
 def test_pooler_takes_the_first_token():

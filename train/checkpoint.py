@@ -5,7 +5,9 @@ Layout under the run directory:
     checkpoints/latest           the name of the newest complete one
 
 Model and optimizer go through DCP's `get_state_dict`/`set_state_dict`, so sharded models (FSDP2,
-tensor parallel) save and reshard without this file knowing. Everything else — step, scheduler,
+tensor parallel, rank-local experts) save and reshard without this file knowing; ZeRO-1 saves each
+rank's inner optimizer, whose entries are named by parameter, so the union of the ranks' files is
+the whole state and any rank count loads what its own share needs. Everything else — step, scheduler,
 every rank's RNG states and loader positions — is one JSON string, identical on all ranks, so DCP's
 deduplication keeps one copy and loading it needs no unpickling. DCP's own loader unpickles
 non-tensor items with `weights_only=False`; `SafeLoadPlanner` loads them with `weights_only=True`.
@@ -32,6 +34,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -39,6 +42,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from vlforge.errors import UserError
+from vlforge.train.parallel.zero import local_optimizer
+
+# Optimizer entries keyed by parameter name, hyperparameters included ("param_groups.{fqn}.lr"):
+# ranks that each hold part of the optimizer (ZeRO-1) write disjoint keys that add up to the
+# whole, where the nested form's per-group parameter lists would collide.
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 @contextlib.contextmanager
@@ -158,7 +167,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     if _dist():
         dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, local_optimizer(optimizer), options=FLAT)
     record = json.dumps({"step": step, "ranks": gather(trainer_state)}, sort_keys=True)
     state = {"model": model_sd, "optim": optim_sd, "trainer": record}
     with _single_process_quiet():
@@ -184,7 +193,8 @@ def load_checkpoint(
     """Restores model and optimizer in place; returns {"step", "state": this rank's state,
     "world_size": ranks that saved it}."""
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    optimizer = local_optimizer(optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT)
     missing = [k for k in model_sd if f"model.{k}" not in saved]
     if missing:
         raise UserError(f"checkpoint {path} lacks model weights such as {missing[0]}")
@@ -194,7 +204,11 @@ def load_checkpoint(
     # drop the rest so Adam's step count for them starts at 0 again, as in the unbroken run.
     _safe_dcp_load(state, path, partial=True)
     set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=FLAT,
     )
     for name, param in model.named_parameters():
         fqn = name.removeprefix("module.")

@@ -1,4 +1,4 @@
-"""`vlforge train`, `vlforge eval` and `vlforge tokenizer train` command lines."""
+"""`vlforge train`, `vlforge eval`, `vlforge generate` and `vlforge tokenizer train` command lines."""
 
 from __future__ import annotations
 
@@ -97,6 +97,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--resume", action="store_true", help="continue from DIR's latest checkpoint")
     r.add_argument("--nproc", type=int, default=1, help="launch this many local ranks")
     r.add_argument("--no-progress", action="store_true")
+    s = p.add_argument_group("scaling (train/parallel/)")
+    s.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3 (0: DDP)")
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (attention, FFN)")
+    s.add_argument("--moe", default=None, help="FFNs → MoE layers: topk, gshard or switch")
+    s.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
+    s.add_argument("--top-k", type=int, default=None, help="experts per token (--moe topk)")
+    s.add_argument("--capacity-factor", type=float, default=None, help="expert capacity factor")
+    s.add_argument("--moe-every", type=int, default=1, help="every n-th FFN becomes MoE")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks")
     p.set_defaults(func=run_train)
 
     e = subparsers.add_parser("eval", help="retrieval, ITM, MLM and zero-shot metrics of a run")
@@ -119,6 +128,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tt.add_argument("--vocab-size", type=int, default=8000)
     tt.add_argument("--limit", type=int, default=None, help="at most this many captions")
     tt.set_defaults(func=run_tokenizer_train)
+
+    g = subparsers.add_parser("generate", help="captions or images from a trained run")
+    g.add_argument("--recipe", required=True, help="a recipe with a generator (unimo, dalle, …)")
+    g.add_argument("--ckpt", required=True, help="run directory (its latest) or a checkpoint")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--shards", default=None, help="input shards (images to caption)")
+    g.add_argument("--captions", default=None, help="input captions, one a line")
+    g.add_argument("--n", type=int, default=None, help="candidates/beams (default: generator's)")
+    g.add_argument("--clip-ckpt", default=None, help="a clip run to rerank candidates")
+    g.add_argument("--max-len", type=int, default=None, help="tokens to generate at most")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--limit", type=int, default=None, help="at most this many inputs")
+    g.set_defaults(func=run_generate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +236,12 @@ def run_eval(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text + "\n")
     print(text)
     return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from vlforge.train.generators import run_generate as dispatch
+
+    return dispatch(args)
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> int:

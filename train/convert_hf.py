@@ -1,6 +1,9 @@
 """Load Hugging Face checkpoints into our recipes: CLIP (`CLIPModel`) → `clip`, BERT
 (`BertModel` / `BertForPreTraining` / `BertForMaskedLM`) → the text path of `uniter` (UNITER is
-initialized from BERT; its region embeddings and region heads stay freshly initialized).
+initialized from BERT; its region embeddings and region heads stay freshly initialized),
+ViLT (`ViltModel`, `ViltForMaskedLM`, …) → `vilt` (names and shapes in train/convert_vilt.py).
+LXMERT (`LxmertModel`, `LxmertForPreTraining`) → `lxmert` (train/convert_lxmert.py).
+VisualBERT (`VisualBertModel`, `VisualBertForPreTraining`) → `visualbert` (train/convert_visualbert.py).
 
 Sources: an HF model object, a `save_pretrained` directory (config.json + model.safetensors,
 sharded safetensors or pytorch_model.bin), or one weights file (.safetensors / .bin, with a
@@ -149,8 +152,15 @@ def load_hf_checkpoint(
 
 def detect_arch(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
     kind = str(config.get("model_type", ""))
+    if kind == "lxmert" or any("x_layers.0.visual_attention." in k for k in state):
+        return "lxmert"
+    if kind == "vilt" or any("embeddings.text_embeddings.word_embeddings" in k for k in state):
+        return "vilt"
     if kind == "clip" or any(k.startswith("vision_model.") for k in state):
         return "clip"
+    # Before BERT: VisualBERT's encoder has BERT's layer names too.
+    if kind == "visual_bert" or any("embeddings.visual_projection" in k for k in state):
+        return "visualbert"
     if kind == "bert" or any("encoder.layer.0.attention.self.query" in k for k in state):
         return "bert"
     raise ConversionError(f"not a CLIP or BERT checkpoint (model_type {kind!r})")
@@ -314,6 +324,21 @@ def from_hf(
     if arch == "clip":
         recipe_name, fields = "clip", clip_overrides(config, state)
         converted, unused = convert_clip_state_dict(state)
+    elif arch == "lxmert":
+        from vlforge.train.convert_lxmert import convert_lxmert_state_dict, lxmert_overrides
+
+        recipe_name, fields = "lxmert", lxmert_overrides(config, state)
+        converted, unused = convert_lxmert_state_dict(state)
+    elif arch == "vilt":
+        from vlforge.train.convert_vilt import convert_vilt_state_dict, vilt_overrides
+
+        recipe_name, fields = "vilt", vilt_overrides(config, state)
+        converted, unused = convert_vilt_state_dict(state)
+    elif arch == "visualbert":
+        from vlforge.train import convert_visualbert as vb  # it imports this module's helpers
+
+        recipe_name, fields = "visualbert", vb.visualbert_overrides(config, state)
+        converted, unused = vb.convert_visualbert_state_dict(state)
     else:
         recipe_name, fields = "uniter", bert_overrides(config, state)
         converted, unused = convert_bert_state_dict(state)

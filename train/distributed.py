@@ -1,8 +1,8 @@
 """Process groups, the `--nproc` launcher, and the parallelism wrappers applied to a model.
 
 The model code knows nothing about sharding: the trainer builds a plain recipe, then calls
-`parallelize`, which applies one `apply_*` function per kind of parallelism. Data parallelism
-(DDP) lives here; ZeRO, tensor parallel and MoE expert placement add their own `apply_*`.
+`parallelize`, which applies one `apply_*` function per kind of parallelism from
+train/parallel/ (MoE, expert parallel, tensor parallel, ZeRO/DDP) as the run's flags ask.
 """
 
 from __future__ import annotations
@@ -11,13 +11,20 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
+
+from vlforge.train.parallel.config import ParallelConfig, make_ep_mesh, make_mesh
+from vlforge.train.parallel.expert_parallel import apply_ep, expert_parameter_names, is_expert_param
+from vlforge.train.parallel.moe import apply_moe
+from vlforge.train.parallel.tensor_parallel import apply_tp
+from vlforge.train.parallel.zero import apply_ddp, apply_fsdp
 
 
 @dataclass(frozen=True)
@@ -79,19 +86,40 @@ def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
 # Parallelism
 
 
-def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
-    """Data parallel: gradients averaged over ranks. Unused parameters are allowed because a
-    task-sampling recipe runs only some heads on a step."""
-    if not info.distributed:
+def parallelize(model: nn.Module, info: DistInfo, cfg: object | None = None) -> nn.Module:
+    """The one place a plain model is made ready for training, from the scaling fields of `cfg`
+    (a TrainConfig or ParallelConfig; None: data parallel only). In order: MoE layers replace
+    MLPs, experts spread over ranks, tensor parallel shards attention and FFN linears, then data
+    parallel by ZeRO stage (DDP, + ZeroRedundancyOptimizer in the trainer, FSDP2). Returns the
+    module to call."""
+    pcfg = ParallelConfig.of(cfg) if cfg is not None else ParallelConfig()
+    pcfg.check_world(info.world_size)
+    world, kind = info.world_size, info.device.type
+    model = apply_moe(model, pcfg).to(info.device)
+    if pcfg.ep > 1:
+        ep_mesh = make_ep_mesh(kind, world, pcfg.ep)
+        apply_ep(model, ep_mesh["ep"].get_group(), ep_mesh["edp"].get_group())
+    dp_mesh = None
+    if pcfg.tp > 1:
+        mesh = make_mesh(kind, world, pcfg.tp)
+        apply_tp(model, mesh["tp"])
+        dp_mesh = mesh["dp"]
+    if pcfg.dp_size(world) == 1:
         return model
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    experts = [p for p in model.parameters() if is_expert_param(p)]
+    if pcfg.zero >= 2:
+        dp_mesh = dp_mesh or init_device_mesh(kind, (world,), mesh_dim_names=("dp",))
+        return apply_fsdp(model, dp_mesh, pcfg.zero, ignored=set(experts) or None)
+    return apply_ddp(model, info.device, expert_parameter_names(model))
 
 
-def parallelize(model: nn.Module, info: DistInfo) -> nn.Module:
-    """The one place a plain model is wrapped for training. Returns the module to call."""
-    model = model.to(info.device)
-    return apply_ddp(model, info)
+def data_parallel(info: DistInfo, cfg: object | None = None) -> DistInfo:
+    """This rank's place among the data-parallel ranks: tensor-parallel neighbours (consecutive
+    ranks, see `make_mesh`) read the same batches and draw the same random numbers."""
+    pcfg = ParallelConfig.of(cfg) if cfg is not None else ParallelConfig()
+    pcfg.check_world(info.world_size)
+    tp = pcfg.tp
+    return replace(info, rank=info.rank // tp, world_size=info.world_size // tp)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -222,9 +222,10 @@ def evaluate(
     out: dict[str, float] = {}
     # Evaluation must not move the training RNG: a resumed run would diverge otherwise.
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        steps: list[tuple[str, Callable[[], dict]]] = [
-            ("retrieval", lambda: ev.retrieval(samples[:n_candidates]))
-        ]
+        steps: list[tuple[str, Callable[[], dict]]] = []
+        # Retrieval needs a pair score; a pixels-only or generative recipe (dvae, dalle) has none.
+        if _has(model, "itm_score") or (_has(model, "encode_image") and _has(model, "encode_text")):
+            steps.append(("retrieval", lambda: ev.retrieval(samples[:n_candidates])))
         if _has(model, "itm_score"):
             steps.append(("itm", lambda: ev.itm_accuracy(samples)))
         if _has(model, "mlm_logits") and "text" in spec.inputs:

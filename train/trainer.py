@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,18 @@ from vlforge.train.decode import decode_sample
 from vlforge.train.distributed import (
     DistInfo,
     barrier,
+    data_parallel,
     init_distributed,
     parallelize,
     shutdown,
     unwrap,
 )
 from vlforge.train.masking import MaskingConfig
+from vlforge.train.parallel import ParallelConfig
+from vlforge.train.parallel.clip import clip_grad_norm_
+from vlforge.train.parallel.memory import rank_bytes
+from vlforge.train.parallel.moe import apply_moe, take_moe_outputs
+from vlforge.train.parallel.zero import zero_optimizer
 from vlforge.train.schedule import build_scheduler
 from vlforge.train.tokenizer import (
     TextTokenizer,
@@ -84,8 +90,18 @@ class TrainConfig:
     eval_candidates: int = 100
     resume: bool = False
     progress: bool = True
+    # Scaling (train/parallel/): ZeRO stage, tensor/expert-parallel ranks, MoE layers.
+    zero: int = 0
+    tp: int = 1
+    ep: int = 1
+    moe: str | None = None
+    experts: int = 8
+    top_k: int | None = None
+    capacity_factor: float | None = None
+    moe_every: int = 1
 
     def __post_init__(self) -> None:
+        ParallelConfig.of(self).check()
         self.total_steps = self.total_steps or self.steps
         for name in ("steps", "batch_size", "grad_accum", "total_steps", "log_every"):
             if getattr(self, name) < 1:
@@ -149,21 +165,23 @@ def train_step(
         with sync:
             with autocast(precision, device):
                 out = model(to_device(batch, device))
+            out = take_moe_outputs(model, out)  # MoE layers' aux losses join the total
             (out["loss"] / len(micro_batches)).backward()
         for k, v in out.items():
             if isinstance(v, torch.Tensor) and v.numel() == 1:
                 logged.setdefault(k, []).append(float(v.detach().float()))
     metrics = {k: sum(v) / len(v) for k, v in logged.items()}
     if clip_grad > 0:
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad))
+        metrics["grad_norm"] = clip_grad_norm_(model.parameters(), clip_grad)  # DTensor-aware
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
     return metrics
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases, norms and scalars (e.g. CLIP's temperature) get no weight decay."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; biases, norms and scalars (e.g. CLIP's temperature) get no weight decay. With
+    --zero 1 over several ranks, ZeroRedundancyOptimizer shards its state."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -172,7 +190,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    kw = dict(lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    dist = torch.distributed
+    if cfg.zero == 1 and dist.is_initialized() and dist.get_world_size() > 1:
+        return zero_optimizer(groups, torch.optim.AdamW, **kw)
+    return torch.optim.AdamW(groups, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +231,14 @@ def recipe_attr(recipe: nn.Module, name: str, default: Any) -> Any:
     return getattr(recipe, name, default)
 
 
+def recipe_masking(recipe: nn.Module, chosen: MaskingConfig) -> MaskingConfig:
+    """The run's masking with the recipe's declared choices (`masking_defaults`, e.g. ViLT's
+    whole-word MLM and image-swap negatives) in the fields the run left at their defaults."""
+    default, own = MaskingConfig(), recipe_attr(recipe, "masking_defaults", {})
+    kept = {k: v for k, v in own.items() if getattr(chosen, k) == getattr(default, k)}
+    return replace(chosen, **kept)
+
+
 def batch_spec(recipe: nn.Module, cfg: TrainConfig) -> BatchSpec:
     """The recipe's declared needs (inputs, tasks, geometry, masking rules) + the data flags."""
     return BatchSpec(
@@ -222,7 +252,7 @@ def batch_spec(recipe: nn.Module, cfg: TrainConfig) -> BatchSpec:
         max_text_len=min(cfg.max_text_len, getattr(getattr(recipe, "cfg", None), "max_len", 10**9)),
         max_regions=cfg.max_regions,
         image_size=cfg.image_size or int(recipe_attr(recipe, "image_size", 224)),
-        masking=cfg.masking,
+        masking=recipe_masking(recipe, cfg.masking),
         extra_fields=tuple(recipe_attr(recipe, "extra_fields", ())),
         hook=getattr(type(recipe), "batch_hook", None),  # the plain function, not bound
     )
@@ -342,9 +372,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     out = Path(cfg.out)
-    if cfg.batch_size % (info.world_size * cfg.grad_accum):
+    dp = data_parallel(info, cfg)  # tensor-parallel ranks share batches and random draws
+    if cfg.batch_size % (dp.world_size * cfg.grad_accum):
         raise UserError(
-            f"--batch-size {cfg.batch_size} does not split over {info.world_size} ranks × "
+            f"--batch-size {cfg.batch_size} does not split over {dp.world_size} ranks × "
             f"{cfg.grad_accum} accumulation steps"
         )
     latest = ckpt.latest_checkpoint(out)
@@ -366,13 +397,13 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     del probe
     if info.is_main:
         write_config(cfg, out, {"vocab_size_actual": tok.vocab_size, "recipe_overrides": sized})
-    model = parallelize(recipe, info)
+    model = parallelize(recipe, info, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(
         optimizer, cfg.schedule, cfg.warmup, cfg.total_steps, cfg.min_lr_ratio
     )
     # Dropout differs per rank; a resumed run takes the RNG state from its checkpoint instead.
-    torch.manual_seed(cfg.seed + 1 + info.rank)
+    torch.manual_seed(cfg.seed + 1 + dp.rank)
 
     step, data_state, rng_state = 0, None, None
     if latest is not None:
@@ -392,7 +423,7 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if step >= cfg.steps:
         raise UserError(f"{out} is already at step {step}; raise --steps to train further")
 
-    loader = make_loader(cfg, urls, spec, tok, info, data_state)
+    loader = make_loader(cfg, urls, spec, tok, dp, data_state)
     if rng_state is not None:
         ckpt.set_rng_state(rng_state)
     log = MetricsLog(out, info, step if latest is not None else None)
@@ -445,6 +476,7 @@ def _loop(
     t0 = tick
     metrics: dict[str, float] = {}
     window: dict[str, list[float]] = {}
+    window_sized = start > 0  # a resumed run's first record was written before it stopped
     while step < cfg.steps:
         micro = _next_step_batches(batches, cfg.grad_accum)
         metrics = train_step(
@@ -461,6 +493,10 @@ def _loop(
             record["lr"] = metrics["lr"]
             record["samples_per_s"] = cfg.batch_size * (step - since) / max(now - tick, 1e-9)
             since, tick, window = step, now, {}
+            if not window_sized:  # the run's first record: the largest per-rank bytes
+                window_sized = True
+                sizes = ckpt.gather(rank_bytes(model, optimizer))
+                record |= {k: max(s[k] for s in sizes) for k in sizes[0]}
             log.write({"step": step, **record})
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if not math.isfinite(record["loss"]):
@@ -513,6 +549,7 @@ def load_for_eval(
     cfg = TrainConfig(**{**record, "masking": masking})
     tok = load_tokenizer(run_dir / "tokenizer.json")
     model = build_recipe(cfg.recipe, cfg.size, tok.vocab_size, **overrides)
+    apply_moe(model, ParallelConfig.of(cfg))  # the same layers as trained; no sharding
     ckpt.load_model_weights(point, model)
     model.to(torch.device(device)).eval()
     return model, tok, batch_spec(model, cfg)

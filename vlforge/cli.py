@@ -19,6 +19,7 @@ STAGE_CLIS = (
     "vlforge.pipeline.mine_cli",
     "vlforge.train.cli",
     "vlforge.demo",
+    "vlforge.report.cli",
 )
 
 

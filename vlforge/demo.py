@@ -94,8 +94,18 @@ def run(args: argparse.Namespace) -> int:
             args.detector_job.terminate()
     metrics.data["seconds"] = round(time.time() - started, 1)
     metrics.path.write_text(json.dumps(metrics.data, indent=2, default=str) + "\n")
+    report = _report(out, last)
     print(f"\ndemo: done in {metrics.data['seconds']:.0f} s; figures in {metrics.path}")
+    print(f"demo: report {report} (open it in a browser; no server needed)")
     return 0
+
+
+def _report(out: Path, last: int) -> Path:
+    """The corpus (and the training run, when the demo got that far) as one static page."""
+    from vlforge.report import write_report
+
+    run_dir = out / "train" if last >= STAGES.index("train") else None
+    return write_report(out / "corpus", run_dir, out / "report")
 
 
 def _run_stages(out: Path, args: argparse.Namespace, metrics: _Metrics, last: int) -> None:

@@ -6,7 +6,9 @@ the image; ViLBERT sums the two projections and LayerNorms once.
 With `part_norm`, a region whose features the data side zeroed for masking would reach a
 LayerNorm as a constant vector: its output is 0/√eps and its gradient ~1/√eps (1e6 with BERT's
 eps). UNITER avoids that with a learned mask embedding added to the masked features; so do we
-(`mask_embedding=True`), on the zeroed masked regions only — the 10% kept ones stay unmarked.
+(`mask_embedding=True`), on every all-zero region — the 10% kept ones stay unmarked. Every,
+not only those `masked` names: the data side masks the regions of unmatched rows too but leaves
+them out of `mrm_mask` (their losses do not count), and those would reach the norm unmarked.
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ class RegionEmbeddings(nn.Module):
         masked: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """feats B×R×D, geom B×R×G; `extra` (e.g. a segment embedding) is added before the norm;
-        `masked` (B×R bool) marks the masked regions (used with `mask_embedding`)."""
-        if self.mask is not None and masked is not None:
-            zeroed = masked.bool() & (feats == 0).all(-1)
+        `masked` is accepted for callers that track it; with `mask_embedding` every all-zero
+        region is marked whether or not `masked` names it (see the module docstring)."""
+        del masked
+        if self.mask is not None:
+            zeroed = (feats == 0).all(-1)
             feats = feats + zeroed.unsqueeze(-1).to(feats.dtype) * self.mask.to(feats.dtype)
         x = self.feat_norm(self.feat(feats))
         if self.geom is not None:

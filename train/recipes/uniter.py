@@ -5,6 +5,9 @@ segment embedding, LayerNorm'd. Tasks sampled per batch with UNITER's mix ratio
 (MLM 2 : MRFR 2 : MRC-KL 1 : ITM 1); ITM batches also train word-region alignment by optimal
 transport (λ = 0.1). "mrc" (hard label), "mrm" (MRFR + MRC-KL) and "wra" alone are available by
 override. Masking is conditional (one modality per row), done by the data side.
+
+`embed` / `task_outputs` are the seam adversarial training (train/adversarial.py, VILLA) uses:
+`--set adversarial=true` perturbs the text and image embeddings.
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from vlforge.train.adversarial import (
+    AdversarialConfig,
+    Embedded,
+    adversarial_loss_weights,
+    adversarial_losses,
+    check_config,
+)
 from vlforge.train.blocks import (
     Pooler,
     RegionEmbeddings,
@@ -43,7 +53,7 @@ REGION_TASKS = ("mrfr", "mrc", "mrc_kl")
 
 
 @dataclass
-class UniterConfig(RegionTextConfig):
+class UniterConfig(RegionTextConfig, AdversarialConfig):
     tasks: dict[str, float] = field(
         default_factory=lambda: {"mlm": 2.0, "mrfr": 2.0, "mrc_kl": 1.0, "itm": 1.0}
     )
@@ -81,6 +91,8 @@ class Uniter(Recipe):
         self.cfg: UniterConfig = cfg
         self.geometry = cfg.geometry
         self.loss_weights = {"wra": cfg.ot_weight} if "wra" not in cfg.tasks else {}
+        check_config(cfg)
+        self.loss_weights |= adversarial_loss_weights(cfg)
         h, eps = cfg.hidden, cfg.eps
         self.text = TextEmbeddings(
             cfg.vocab_size, h, cfg.max_len, cfg.type_vocab, eps=eps, dropout=cfg.dropout,
@@ -102,26 +114,38 @@ class Uniter(Recipe):
 
     # -- the encoder -------------------------------------------------------------------------
 
-    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(hidden B×(L+R)×H, key mask B×(L+R), L) over whichever modalities the batch has."""
-        parts, masks = [], []
+    def embed(self, batch: dict[str, Any]) -> Embedded:
+        """({"text": B×L×H, "image": B×R×H}, their key masks) for whichever modalities the batch
+        has, in encoder order: what adversarial training perturbs."""
+        embeds, masks = {}, {}
         if "input_ids" in batch:
             ids = batch["input_ids"]
-            parts.append(self.text(ids, batch.get("token_type_ids")))
-            masks.append(batch.get("attention_mask", torch.ones_like(ids)))
+            embeds["text"] = self.text(ids, batch.get("token_type_ids"))
+            masks["text"] = batch.get("attention_mask", torch.ones_like(ids)).to(torch.long)
         if "region_feats" in batch:
             feats = batch["region_feats"]
             img_type = torch.ones(feats.shape[:2], dtype=torch.long, device=feats.device)
             segment = self.text.token_type(img_type) if self.text.token_type is not None else None
             geom = batch.get("region_geom") if self.geometry else None
-            parts.append(self.regions(feats, geom, segment, batch.get("mrm_mask")))
-            masks.append(batch.get("region_mask", torch.ones(feats.shape[:2], device=feats.device)))
-        if not parts:
+            embeds["image"] = self.regions(feats, geom, segment, batch.get("mrm_mask"))
+            masks["image"] = batch.get(
+                "region_mask", torch.ones(feats.shape[:2], device=feats.device)
+            ).to(torch.long)
+        if not embeds:
             raise KeyError("uniter needs input_ids and/or region_feats")
-        x = torch.cat(parts, 1)
-        mask = torch.cat([m.to(torch.long) for m in masks], 1)
-        n_text = parts[0].shape[1] if "input_ids" in batch else 0
+        return embeds, masks
+
+    def encode_embedded(self, embedded: Embedded) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(hidden B×(L+R)×H, key mask B×(L+R), L) of given embeddings."""
+        embeds, masks = embedded
+        x = torch.cat(list(embeds.values()), 1)
+        mask = torch.cat(list(masks.values()), 1)
+        n_text = embeds["text"].shape[1] if "text" in embeds else 0
         return self.encoder(x, attention_mask(mask)), mask, n_text
+
+    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(hidden B×(L+R)×H, key mask B×(L+R), L) over whichever modalities the batch has."""
+        return self.encode_embedded(self.embed(batch))
 
     # -- inference entry points (eval) -------------------------------------------------------
 
@@ -136,8 +160,17 @@ class Uniter(Recipe):
     # -- losses ------------------------------------------------------------------------------
 
     def compute_losses(self, batch: dict[str, Any], tasks: list[str]) -> dict[str, torch.Tensor]:
-        hidden, mask, n_text = self.encode(batch)
+        if self.cfg.adversarial and self.training:
+            return adversarial_losses(self, batch, tasks, self.cfg)
+        return self.task_outputs(batch, tasks)[0]
+
+    def task_outputs(
+        self, batch: dict[str, Any], tasks: list[str], embedded: Embedded | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(task losses, classification logits by head) from the batch or given embeddings."""
+        hidden, mask, n_text = self.encode_embedded(embedded or self.embed(batch))
         out: dict[str, torch.Tensor] = {}
+        logits_by_head: dict[str, torch.Tensor] = {}
         wanted = set(tasks)
         if "mrm" in wanted:
             wanted |= {"mrfr", "mrc_kl"}
@@ -146,7 +179,8 @@ class Uniter(Recipe):
         if "mlm" in wanted:
             require(batch, ["mlm_labels"], "mlm")
             h, labels = masked_select(hidden[:, :n_text], batch["mlm_labels"])
-            out["mlm"] = mlm_loss(self.mlm(h), labels)
+            logits_by_head["mlm"] = self.mlm(h)
+            out["mlm"] = mlm_loss(logits_by_head["mlm"], labels)
         if wanted & set(REGION_TASKS):
             require(batch, ["mrm_mask"], "masked region modeling")
             sel = batch["mrm_mask"].bool()
@@ -157,13 +191,15 @@ class Uniter(Recipe):
             if wanted & {"mrc", "mrc_kl"}:
                 require(batch, ["region_cls_prob"], "mrc")
                 logits, prob = self.mrc(h), batch["region_cls_prob"][sel]
+                logits_by_head["mrc"] = logits
                 if "mrc" in wanted:
                     out["mrc"] = mrc_loss(logits, prob)
                 if "mrc_kl" in wanted:
                     out["mrc_kl"] = mrc_kl_loss(logits, prob)
         if "itm" in wanted:
             require(batch, ["itm_labels"], "itm")
-            out["itm"] = itm_loss(self.itm(self.pooler(hidden)), batch["itm_labels"])
+            logits_by_head["itm"] = self.itm(self.pooler(hidden))
+            out["itm"] = itm_loss(logits_by_head["itm"], batch["itm_labels"])
         if "wra" in wanted:
             require(batch, ["itm_labels"], "wra")
             # Tokens after [CLS] against the regions; [CLS] carries the pooled ITM state.
@@ -174,4 +210,4 @@ class Uniter(Recipe):
                 beta=self.cfg.ot_beta, iterations=self.cfg.ot_iterations,
             )  # fmt: skip
             out["wra"] = wra_loss(dist, batch["itm_labels"])
-        return out
+        return out, logits_by_head

@@ -32,6 +32,7 @@ from pathlib import Path
 from vlforge.errors import UserError
 from vlforge.world.captions import caption_scene, foreign_caption, short_caption
 from vlforge.world.mess import DEFAULT_MESS_FRACTION, FAULT_KINDS, allocate
+from vlforge.world.questions import scene_questions
 from vlforge.world.scene import Scene, image_graph, sample_scene, scene_rng
 
 JPEG_QUALITY = 90
@@ -41,7 +42,7 @@ PRIVATE_BASE = "http://10.23.0.1"
 PRIVATE_REDIRECT_TARGET = "http://169.254.169.254/latest/meta-data/x.jpg"
 ROBOTS_DISALLOWED_PREFIX = "/private/"
 FORMATS = (".parquet", ".csv", ".tsv", ".jsonl")
-COLUMNS = ("url", "caption", "world")
+COLUMNS = ("url", "caption", "world", "questions")
 _BATCH = 20_000
 
 
@@ -155,13 +156,20 @@ def _row(seed: int, index: int, kind: str, n: int, base: str, clean_before: list
             url = base + fault_path(seed, kind, index)
     truth = _truth(scene, index, kind, graph, jitter)
     truth.update(extra)
-    return {"url": url, "caption": caption, "world": json.dumps(truth, separators=(",", ":"))}
+    # Questions about the image (its scene, whatever the caption says), for image-QA heads.
+    questions = scene_questions(scene, scene_rng(seed, index, "questions"))
+    return {
+        "url": url,
+        "caption": caption,
+        "world": json.dumps(truth, separators=(",", ":")),
+        "questions": json.dumps(questions, separators=(",", ":")),
+    }
 
 
 def iter_rows(
     n: int, seed: int, base_url: str, mess_fraction: float = DEFAULT_MESS_FRACTION
 ) -> Iterator[dict]:
-    """Rows {url, caption, world} in order; deterministic given (n, seed, mess_fraction)."""
+    """Rows {url, caption, world, questions}; deterministic given (n, seed, mess_fraction)."""
     base = base_url.rstrip("/")
     clean_before: list[int] = []
     for index, kind in enumerate(allocate(n, seed, mess_fraction)):

@@ -1,0 +1,126 @@
+"""Unicoder-VL (Li et al. 2020): one transformer over [text; regions].
+
+Regions: the feature and its 5-d location (x1, y1, x2, y2, area) each through a linear layer,
+summed and LayerNorm'd. Pretraining sums, on every batch, MLM, masked object classification
+(MOC: the detector's top class as a hard label — `hard_region_labels`, background column 0 never a
+target) and visual-linguistic matching (VLM: one FC layer on the [CLS] output, no pooler).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from vlforge.train.blocks import (
+    RegionEmbeddings,
+    TextEmbeddings,
+    TransformerEncoder,
+    attention_mask,
+)
+from vlforge.train.losses import (
+    ITMHead,
+    MLMHead,
+    RegionClassifier,
+    itm_loss,
+    itm_score,
+    masked_select,
+    mlm_loss,
+    mrc_loss,
+)
+from vlforge.train.recipes.base import SMALL_INIT_STD, Recipe, RegionTextConfig, require
+from vlforge.train.recipes.registry import register_recipe
+
+
+@dataclass
+class UnicoderVLConfig(RegionTextConfig):
+    tasks: dict[str, float] = field(default_factory=lambda: {"mlm": 1.0, "moc": 1.0, "vlm": 1.0})
+    task_mode: str = "sum"
+    geometry: int = 5
+
+
+@register_recipe("unicoder_vl")
+class UnicoderVL(Recipe):
+    name = "unicoder_vl"
+    inputs = frozenset({"text", "regions"})
+    supported_tasks = frozenset({"mlm", "moc", "vlm"})
+    sizes: ClassVar[dict[str, UnicoderVLConfig]] = {  # type: ignore[assignment]
+        "small": UnicoderVLConfig(
+            hidden=64,
+            layers=2,
+            heads=4,
+            mlp=128,
+            max_len=128,
+            region_dim=64,
+            num_region_classes=32,
+            dropout=0.0,
+            attn_dropout=0.0,
+            init_std=SMALL_INIT_STD,
+        ),
+        "base": UnicoderVLConfig(),  # BERT-base, 2048-d features of 1600 VG classes + background
+    }
+
+    def __init__(self, cfg: UnicoderVLConfig):
+        super().__init__(cfg)
+        self.cfg: UnicoderVLConfig = cfg
+        self.geometry = cfg.geometry
+        h, eps = cfg.hidden, cfg.eps
+        self.text = TextEmbeddings(
+            cfg.vocab_size, h, cfg.max_len, cfg.type_vocab, eps=eps, dropout=cfg.dropout,
+            pad_id=cfg.pad_id,
+        )  # fmt: skip
+        self.regions = RegionEmbeddings(
+            cfg.region_dim, cfg.geometry, h, eps=eps, dropout=cfg.dropout
+        )
+        self.encoder = TransformerEncoder(
+            cfg.layers, h, cfg.heads, cfg.mlp, act=cfg.act, eps=eps, dropout=cfg.dropout,
+            attn_dropout=cfg.attn_dropout,
+        )  # fmt: skip
+        self.mlm = MLMHead(h, cfg.vocab_size, cfg.act, eps, tie_to=self.text.word)
+        self.moc = RegionClassifier(h, cfg.num_region_classes, cfg.act, eps)
+        self.vlm = ITMHead(h)  # Unicoder-VL's FC layer on [CLS]
+
+    def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """(hidden B×(L+R)×H, L)."""
+        require(batch, ["input_ids", "region_feats", "region_geom"], "unicoder_vl")
+        ids, feats = batch["input_ids"], batch["region_feats"]
+        t_keys = batch.get("attention_mask", torch.ones_like(ids))
+        v_keys = batch.get("region_mask", torch.ones(feats.shape[:2], device=feats.device))
+        x = torch.cat(
+            [
+                self.text(ids, batch.get("token_type_ids")),
+                self.regions(feats, batch["region_geom"]),
+            ],
+            1,
+        )
+        keys = torch.cat([t_keys.to(torch.long), v_keys.to(torch.long)], 1)
+        return self.encoder(x, attention_mask(keys)), ids.shape[1]
+
+    def itm_score(self, batch: dict[str, Any]) -> torch.Tensor:
+        return itm_score(self.vlm(self.encode(batch)[0][:, 0]))
+
+    def mlm_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        hidden, n_text = self.encode(batch)
+        return self.mlm(hidden[:, :n_text])
+
+    def moc_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """N×C class logits of the masked regions (`mrm_mask`), in batch order."""
+        hidden, n_text = self.encode(batch)
+        return self.moc(hidden[:, n_text:][batch["mrm_mask"].bool()])
+
+    def compute_losses(self, batch: dict[str, Any], tasks: list[str]) -> dict[str, torch.Tensor]:
+        hidden, n_text = self.encode(batch)
+        out: dict[str, torch.Tensor] = {}
+        if "mlm" in tasks:
+            require(batch, ["mlm_labels"], "mlm")
+            h, labels = masked_select(hidden[:, :n_text], batch["mlm_labels"])
+            out["mlm"] = mlm_loss(self.mlm(h), labels)
+        if "moc" in tasks:
+            require(batch, ["mrm_mask", "region_cls_prob"], "moc")
+            sel = batch["mrm_mask"].bool()
+            out["moc"] = mrc_loss(self.moc(hidden[:, n_text:][sel]), batch["region_cls_prob"][sel])
+        if "vlm" in tasks:
+            require(batch, ["itm_labels"], "vlm")
+            out["vlm"] = itm_loss(self.vlm(hidden[:, 0]), batch["itm_labels"])
+        return out
