@@ -214,6 +214,8 @@ def main() -> None:
         for n in worlds
     )
     print(f"stage 3 / stage 0 per rank at N={top}: {shrink:.3f} (1/N = {1 / top:.3f})")
+    print("(stage 2's parameters are measured at rest: FSDP2 gathers them whole for forward and "
+          "keeps them until backward ends, the paper's 4Ψ, then frees them)")  # fmt: skip
 
     rate, params, drops = moe_runs(args)
     ratio = {k: rate[k] / rate["dense"] for k in rate}

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_zero_tp import config, make_batch, make_model, optimizer_for, split, step
 from torch import nn
 
 from tests.conftest import run_cli
@@ -35,9 +35,6 @@ from vlforge.train.parallel.moe import (
     apply_moe,
     moe_layers,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_zero_tp import config, make_batch, make_model, optimizer_for, split, step  # noqa: E402
 
 
 def router_with(router: nn.Module, weight: list[list[float]]) -> nn.Module:
@@ -299,6 +296,45 @@ def test_expert_parallel_training_equals_one_process(ep_results):
     assert len(saved) == sum(".experts." in n for n in params)
     for n, v in saved.items():
         assert torch.equal(params[n], v), n
+
+
+def _replicated_experts_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Four ranks, experts over pairs (--ep 2): each expert lives on two ranks, whose gradients
+    must be summed before the world average."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    info = trainer.init_distributed("cpu")
+    cfg = config("uniter", moe="switch", experts=4, ep=2, capacity_factor=4.0)
+    model = parallelize(make_model("uniter"), info, cfg)
+    optimizer, scheduler = optimizer_for(model, cfg)
+    curve = []
+    for s in range(3):
+        m = step(model, optimizer, scheduler, [split(make_batch("uniter", s), world)[rank]])
+        loss = torch.tensor(m["loss"])
+        torch.distributed.all_reduce(loss)
+        curve.append({"loss": float(loss) / world, "grad_norm": m["grad_norm"]})
+    if rank == 0:
+        Path(out).write_text(json.dumps(curve))
+    trainer.shutdown()
+
+
+def test_experts_replicated_over_expert_parallel_groups(tmp_path):
+    torch.set_num_threads(1)
+    path = tmp_path / "curve.json"
+    mp.start_processes(
+        _replicated_experts_worker, args=(4, free_port(), str(path)), nprocs=4,
+        start_method="fork",
+    )  # fmt: skip
+    cfg = config("uniter", moe="switch", experts=4, capacity_factor=4.0)
+    model = apply_moe(make_model("uniter"), ParallelConfig.of(cfg))
+    optimizer, scheduler = optimizer_for(model, cfg)
+    want = [step(model, optimizer, scheduler, split(make_batch("uniter", s), 4)) for s in range(3)]
+    for a, b in zip(json.loads(path.read_text()), want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
 def test_moe_run_logs_routing_and_memory(tmp_path):

@@ -21,6 +21,7 @@ from vlforge.train import adversarial as adv
 from vlforge.train.collate import CLIP_MEAN, CLIP_STD, Assembler
 from vlforge.train.masking import IGNORE, MaskingConfig, box_iou
 from vlforge.train.recipes.uniter import Uniter
+from vlforge.train.recipes.vl_bert import zero_boxes
 from vlforge.train.tokenizer import train_wordpiece
 from vlforge.train.trainer import TrainConfig, batch_spec, train_step
 
@@ -71,6 +72,32 @@ def test_vl_bert_zeroes_masked_roi_pixels_before_the_detector():
         base = model(batch)["loss"]
         assert model(batch | {"pixel_values": hidden})["loss"] == base
         assert model(batch | {"pixel_values": visible})["loss"] != base
+
+
+@pytest.mark.parametrize(("width", "height"), [(160, 80), (80, 160), (100, 70)])
+def test_vl_bert_boxes_follow_the_loaders_resize_and_crop(width, height):
+    """The hook's pixel boxes land on the object in `pixel_values` (short side resized, centre
+    crop), so the pixels zeroed are the RoI's even for non-square images."""
+    from PIL import Image
+
+    from vlforge.train.collate import image_to_tensor
+    from vlforge.train.recipes.vl_bert import crop_boxes
+
+    arr = np.zeros((height, width, 3), np.uint8)
+    box = np.array([[width * 0.4, height * 0.3, width * 0.6, height * 0.7]], np.float32)
+    x1, y1, x2, y2 = box[0].astype(int)
+    arr[y1:y2, x1:x2] = 255
+    white = image_to_tensor(Image.fromarray(arr), 48)[0] > 0.5
+
+    def iou(boxes: np.ndarray) -> float:
+        px = torch.from_numpy(np.asarray(boxes, np.float32))[None]
+        chosen = torch.ones(1, 1, dtype=torch.bool)
+        zeroed = zero_boxes(torch.ones(1, 1, 48, 48), px, chosen)[0, 0] == 0
+        return float((zeroed & white).sum() / (zeroed | white).sum())
+
+    # (Bicubic edges keep it below 1; ignoring the crop, the box misses by a third or more.)
+    assert iou(crop_boxes(box, width, height, 48)) > 0.8
+    assert iou(box / [width, height, width, height] * 48) < 0.7
 
 
 def test_vl_bert_visual_feature_embedding_on_every_element():

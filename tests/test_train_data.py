@@ -437,3 +437,13 @@ def test_batch_hook_sees_rows_and_adds_keys():
     batch = Assembler(spec, tok)(samples, np.random.default_rng(0))
     assert batch["caption_chars"].tolist() == [len(s["txt"]) for s in samples]
     assert batch["saw_tags"] == [True] * 4
+
+
+def test_required_fields_follow_the_inputs():
+    from vlforge.train.collate import BatchSpec
+
+    decode, required = BatchSpec(inputs=frozenset({"pixels"}), tasks={"recon": 1.0}).fields()
+    assert required == ("jpg",) and "txt" in decode  # captions read when present, not needed
+    decode, required = BatchSpec(inputs=frozenset({"text", "regions"})).fields()
+    assert {"txt", "boxes.npy", "feats.npy", "cls_prob.npy"} <= set(required)
+    assert "jpg" not in decode

@@ -98,17 +98,21 @@ def test_seq2seq_mask_matches_the_hand_drawn_case():
 
 
 def test_recipe_decodes_left_to_right_only():
-    """Under the seq2seq mask a caption position's logits ignore later tokens (changing c2 leaves
-    c0/c1's predictions alone) while the bidirectional MLM pass sees them."""
+    """Under the seq2seq mask the visual part and caption positions ≤ t ignore later tokens
+    (changing c3 leaves them alone) while the bidirectional MLM pass sees them; decoding one
+    token at a time gives the teacher-forced pass's logits."""
     torch.manual_seed(0)
     model = build_recipe("unimo", "small", 40, region_dim=16, num_region_classes=6).eval()
-    feats = torch.randn(1, 3, 16)
-    batch = {"region_feats": feats, "region_geom": torch.rand(1, 3, 5)}
+    batch = {"region_feats": torch.randn(1, 3, 16), "region_geom": torch.rand(1, 3, 5)}
     a, b = torch.tensor([[2, 7, 9, 11]]), torch.tensor([[2, 7, 9, 30]])
     with torch.no_grad():
-        la = model.next_token_logits(batch, a[:, :3])
-        lb = model.next_token_logits(batch, b[:, :3])
-        assert torch.equal(la, lb)
+        ha, n_vis = model.joint(batch, a, None, batch["region_feats"], seq2seq=True)
+        hb, _ = model.joint(batch, b, None, batch["region_feats"], seq2seq=True)
+        assert n_vis == 4  # [IMG] + 3 regions
+        assert torch.equal(ha[:, : n_vis + 3], hb[:, : n_vis + 3])
+        assert not torch.allclose(ha[:, -1], hb[:, -1])
+        step = model.next_token_logits(batch, a[:, :3])
+        assert torch.allclose(step, model.lm(ha[:, n_vis + 2]), atol=1e-5)
         full = {**batch, "input_ids": a, "region_mask": torch.ones(1, 3)}
         m1 = model.mlm_logits(full)[0, 1]
         m2 = model.mlm_logits({**full, "input_ids": b})[0, 1]

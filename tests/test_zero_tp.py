@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from tests.conftest import run_cli
 from vlforge.errors import UserError
 from vlforge.train import checkpoint as ckpt
 from vlforge.train import trainer
@@ -205,6 +206,47 @@ def test_two_rank_checkpoint_loads_at_one_rank(two_ranks, tmp_path, mode):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
 
 
+def _mesh_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Four ranks as a 2×2 (dp, tp) mesh: FSDP2 over dp composed with tensor parallel over tp."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    info = trainer.init_distributed("cpu")
+    dp = trainer.data_parallel(info, config("vilbert", tp=2, zero=3))
+    results = {}
+    for zero in (2, 3):
+        cfg = config("vilbert", tp=2, zero=zero)
+        model = parallelize(make_model("vilbert"), info, cfg)
+        optimizer, scheduler = optimizer_for(model, cfg)
+        curve = []
+        for s in range(3):
+            micro = [split(make_batch("vilbert", s), dp.world_size)[dp.rank]]
+            metrics = step(model, optimizer, scheduler, micro)
+            loss = torch.tensor(metrics["loss"], dtype=torch.float64)
+            dist.all_reduce(loss)  # each dp half counted by its 2 tp ranks
+            curve.append({"loss": float(loss) / world, "grad_norm": metrics["grad_norm"]})
+        results[f"zero{zero}"] = curve
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    trainer.shutdown()
+
+
+def test_zero_and_tensor_parallel_on_a_2x2_mesh(tmp_path):
+    torch.set_num_threads(1)
+    path = tmp_path / "mesh.json"
+    mp.start_processes(
+        _mesh_worker, args=(4, free_port(), str(path)), nprocs=4, start_method="fork"
+    )
+    results = json.loads(path.read_text())
+    want = reference("vilbert", 2)[:3]
+    for zero in (2, 3):
+        for a, b in zip(results[f"zero{zero}"], want, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), zero
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), zero
+
+
 def test_flags_that_cannot_work_are_user_errors():
     with pytest.raises(UserError, match="--zero must be"):
         config("uniter", zero=4)
@@ -216,3 +258,9 @@ def test_flags_that_cannot_work_are_user_errors():
     with pytest.raises(UserError, match="does not divide the 4 heads"):
         tp_plan(make_model("uniter"), 3)
     assert len(tp_plan(make_model("vilbert"), 2)) == 4 * 6 + 2 * 12  # 4 layers, 2 co-attention
+    code, _, err = run_cli(
+        "train", "--recipe", "uniter", "--shards", "x-{0..1}.tar", "--out", "never-written",
+        "--nproc", "2", "--tp", "3",
+    )  # fmt: skip
+    assert code == 2 and err.strip() == "vlforge: error: --tp 3 does not divide the 2 ranks", err
+    assert not Path("never-written").exists()

@@ -197,6 +197,9 @@ def run_train(args: argparse.Namespace) -> int:
         if "WORLD_SIZE" in os.environ:
             raise UserError("--nproc launches ranks itself; do not combine it with torchrun")
         from vlforge.train.distributed import launch_local
+        from vlforge.train.parallel import ParallelConfig
+
+        ParallelConfig.of(cfg).check_world(args.nproc)  # e.g. --tp 3 on 2 ranks: one line
 
         code = launch_local(args.nproc, _argv_without_nproc(args))
         if code:

@@ -73,12 +73,14 @@ class BatchSpec:
 
     def fields(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(fields to decode, fields a sample must have) for the loader."""
-        required = ["txt", "json"]
+        # A pixel-only recipe (the dVAE) trains on images whether or not they have captions.
+        required = ["txt"] if "text" in self.inputs else ["jpg"]
         if "regions" in self.inputs:
             required += ["boxes.npy", "feats.npy", "cls_prob.npy"]
-        if "pixels" in self.inputs:
+        if "pixels" in self.inputs and "jpg" not in required:
             required += ["jpg"]
-        optional = ["mine.json"] if set(self.tasks) & PAIR_TASKS else []
+        optional = [f for f in ("txt", "json") if f not in required]
+        optional += ["mine.json"] if set(self.tasks) & PAIR_TASKS else []
         optional += [f for f in self.extra_fields if f not in required + optional]
         return tuple(required + optional), tuple(required)
 
@@ -216,7 +218,11 @@ class Assembler:
         if make_pairs:
             captions, visual, labels = self.pairs(samples, rng)
         else:
-            captions, visual, labels = [s["txt"] for s in samples], list(range(n)), np.ones(n)
+            captions, visual, labels = (
+                [s.get("txt", "") for s in samples],
+                list(range(n)),
+                np.ones(n),
+            )
         # Masking is applied to every row, the masked losses counted on matched pairs only: were
         # only matched rows masked, a [MASK] would tell ITM the answer whenever both tasks share a
         # batch (task_mode "sum", as ViLBERT). Conditional masking picks one modality per row.

@@ -373,6 +373,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     out = Path(cfg.out)
     dp = data_parallel(info, cfg)  # tensor-parallel ranks share batches and random draws
+    if cfg.eval_every and cfg.eval_shards and info.distributed and ParallelConfig.of(cfg).sharded:
+        raise UserError(
+            "--eval-every evaluates on rank 0 alone, which a model sharded by --zero 2/3, --tp or "
+            "--ep cannot do; evaluate its checkpoints with `vlforge eval`"
+        )
     if cfg.batch_size % (dp.world_size * cfg.grad_accum):
         raise UserError(
             f"--batch-size {cfg.batch_size} does not split over {dp.world_size} ranks × "

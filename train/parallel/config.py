@@ -1,7 +1,7 @@
 """The scaling flags of a run (`--zero`, `--tp`, `--moe`, `--ep`, …), their checks and meshes.
 
-Flags that cannot work end in one `UserError` line before anything is built: a checks what the
-flags alone decide, `check_world` what needs the world size, and the `apply_*` functions what
+Flags that cannot work end in one `UserError` line before anything is built: `check` tests what
+the flags alone decide, `check_world` what needs the world size, and the `apply_*` functions what
 needs the model (e.g. `--tp` against each attention's heads).
 """
 
@@ -32,7 +32,7 @@ class ParallelConfig:
     experts: int = 8
     top_k: int | None = None
     capacity_factor: float | None = None
-    moe_every: int = 1  # every n-th MLP (n-1, 2n-1, …) becomes an MoE layer
+    moe_every: int = 1  # MLPs n-1, 2n-1, … (0-based, module order) become MoE layers
 
     @classmethod
     def of(cls, obj: Any) -> ParallelConfig:
@@ -42,12 +42,17 @@ class ParallelConfig:
     @property
     def k(self) -> int:
         assert self.moe is not None
-        return self.top_k or DEFAULT_TOP_K[self.moe]
+        return self.top_k if self.top_k is not None else DEFAULT_TOP_K[self.moe]
 
     @property
     def capacity(self) -> float | None:
         assert self.moe is not None
         return self.capacity_factor if self.capacity_factor else DEFAULT_CAPACITY[self.moe]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether a forward pass needs every rank (collectives inside the model)."""
+        return self.zero >= 2 or self.tp > 1 or self.ep > 1
 
     def check(self) -> None:
         """What the flags alone decide."""
