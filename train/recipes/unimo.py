@@ -132,8 +132,9 @@ class UnimoBatchHook:
 
     def cmcl_extras(self, ctx: BatchContext, kind: np.ndarray) -> dict[str, torch.Tensor]:
         n = len(ctx.captions)
-        keys = [s.get("__key__") for s in ctx.samples]
-        row_of = {k: j for j, k in enumerate(keys) if k is not None}
+        # Rows by the key of their caption's sample and of their image's sample.
+        row_of = {s.get("__key__"): j for j, s in enumerate(ctx.samples)}
+        image_row_of = {s.get("__key__"): j for j, s in enumerate(ctx.visual_samples)}
         caps = [_norm(c) for c in ctx.captions]
         # positive[i, j]: caption j fits image i. Same caption, a text positive of i that is in
         # the batch, or i's caption being an image positive of j's image, all count.
@@ -143,8 +144,8 @@ class UnimoBatchHook:
         for i, sample in enumerate(ctx.samples):
             mine = sample.get("mine.json") or {}
             for p in mine.get("image_positives") or []:
-                if p.get("key") in row_of:
-                    pos[row_of[p["key"]], i] = True
+                if p.get("key") in image_row_of:
+                    pos[image_row_of[p["key"]], i] = True
             if kind[i] != PAIR:
                 continue
             extra_pos = 0
