@@ -163,7 +163,9 @@ def detect_arch(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
         return "visualbert"
     if kind == "bert" or any("encoder.layer.0.attention.self.query" in k for k in state):
         return "bert"
-    raise ConversionError(f"not a CLIP or BERT checkpoint (model_type {kind!r})")
+    raise ConversionError(
+        f"not a BERT, CLIP, VisualBERT, LXMERT or ViLT checkpoint (model_type {kind!r})"
+    )
 
 
 # -- renaming ----------------------------------------------------------------------------------
