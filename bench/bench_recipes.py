@@ -139,14 +139,33 @@ def main() -> int:
             }
         )
         print(f"    {name}: {rows[-1]['seconds']:.0f} s, eval {short(figures)}", flush=True)
+    generated = generate_samples(args, names, held_out, log)
     total = time.perf_counter() - started
-    table = render(rows, args, total)
+    table = render(rows, args, total) + generated
     print(table)
     with RESULTS.open("a") as handle:
         handle.write("\n" + table)
     (args.out / "suite.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"appended to {RESULTS}; {len(rows)} recipes in {total / 60:.1f} min")
     return 0
+
+
+def generate_samples(args: argparse.Namespace, names: list[str], held_out: str, log: Path) -> str:
+    """What the generative recipes make of held-out inputs: unimo's captions for 16 images,
+    dalle's images for 8 captions (4 candidates each, reranked by the clip run)."""
+    lines = []
+    if "unimo" in names:
+        out = args.out / "generated-unimo"
+        run(["generate", "--recipe", "unimo", "--ckpt", str(args.out / "unimo"), "--shards",
+             held_out, "--out", str(out), "--limit", "16"], log)  # fmt: skip
+        lines.append(f"unimo captions for held-out images: `{out}`")
+    if "dalle" in names and "clip" in names:
+        out = args.out / "generated-dalle"
+        run(["generate", "--recipe", "dalle", "--ckpt", str(args.out / "dalle"), "--clip-ckpt",
+             str(args.out / "clip"), "--shards", held_out, "--out", str(out), "--n", "4",
+             "--limit", "8"], log)  # fmt: skip
+        lines.append(f"dalle images (PNG grids beside their captions, CLIP-reranked): `{out}`")
+    return "".join(f"\n{line}\n" for line in lines)
 
 
 def short(figures: dict) -> str:

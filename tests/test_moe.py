@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_zero_tp import config, make_batch, make_model, optimizer_for, split, step
+from test_zero_tp import (
+    config,
+    init_rank,
+    make_batch,
+    make_model,
+    optimizer_for,
+    split,
+    step,
+)
 from torch import nn
 
 from tests.conftest import run_cli
@@ -208,12 +215,7 @@ def _layer(kind: str) -> MoE:
 
 
 def _ep_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    info = trainer.init_distributed("cpu")
+    info = init_rank(rank, world, port)
     results: dict = {}
     # One layer: each rank's tokens through the experts of both ranks, against all on one rank.
     for kind in ("switch", "gshard"):
@@ -301,12 +303,7 @@ def test_expert_parallel_training_equals_one_process(ep_results):
 def _replicated_experts_worker(rank: int, world: int, port: int, out: str) -> None:
     """Four ranks, experts over pairs (--ep 2): each expert lives on two ranks, whose gradients
     must be summed before the world average."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    info = trainer.init_distributed("cpu")
+    info = init_rank(rank, world, port)
     cfg = config("uniter", moe="switch", experts=4, ep=2, capacity_factor=4.0)
     model = parallelize(make_model("uniter"), info, cfg)
     optimizer, scheduler = optimizer_for(model, cfg)

@@ -80,13 +80,13 @@ def test_trains_resumes_exactly_and_evaluates(name, shards, tokenizer, tmp_path)
         assert 0.0 <= metrics["retrieval_i2t_r1"] <= 1.0
 
 
-def _two_rank_worker(rank: int, port: int, shards: str, tokenizer: str, root: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
+def _two_rank_worker(rank: int, ports: list[int], shards: str, tokenizer: str, root: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
-    for name in RECIPES:
+    for name, port in zip(RECIPES, ports, strict=True):
+        # A fresh rendezvous per run: rank 0 owns the store, and one rank may still be tearing
+        # down the last run's group when the other joins the next one on the same port.
+        os.environ["MASTER_PORT"] = str(port)
         cfg = trainer.TrainConfig(
             recipe=name, shards=shards, out=f"{root}/{name}", steps=2, batch_size=4, lr=1e-3,
             workers=0, log_every=1, progress=False, tokenizer=tokenizer, shuffle_buffer=8,
@@ -95,15 +95,20 @@ def _two_rank_worker(rank: int, port: int, shards: str, tokenizer: str, root: st
 
 
 def test_every_recipe_trains_on_two_ranks(shards, tokenizer, tmp_path):
-    """The `--nproc 2` path (gloo, DDP) for all recipes in one process group, so the suite pays
-    for one pair of processes, not one per recipe."""
+    """The `--nproc 2` path (gloo, DDP) for every recipe in one pair of forked processes, so the
+    suite pays process start-up once, not once per recipe."""
     import torch.multiprocessing as mp
 
     from vlforge.train.distributed import free_port
 
+    ports: list[int] = []
+    while len(ports) < len(RECIPES):
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
     mp.start_processes(
         _two_rank_worker,
-        args=(free_port(), shards, tokenizer, str(tmp_path)),
+        args=(ports, shards, tokenizer, str(tmp_path)),
         nprocs=2,
         start_method="fork",
     )

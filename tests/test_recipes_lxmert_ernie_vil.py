@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from test_train_data import caption_of, make_shards, scene_graph_of
 
+from tests.conftest import loss_falls
 from vlforge.train.collate import Assembler, BatchSpec
 from vlforge.train.data import iter_shard
 from vlforge.train.evaluate import Evaluator, evaluate, load_samples
@@ -88,19 +89,6 @@ def small(name: str, vocab: int, **kw):
     torch.manual_seed(0)
     sizes = {"region_dim": R_DIM, "num_region_classes": N_CLS}
     return build_recipe(name, "small", vocab, **(sizes | kw))
-
-
-def loss_falls(model, batch: dict) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    with torch.no_grad():
-        first = float(model(batch)["loss"])
-    for _ in range(30):
-        opt.zero_grad()
-        model(batch)["loss"].backward()
-        opt.step()
-    with torch.no_grad():
-        last = float(model(batch)["loss"])
-    assert last < 0.7 * first, (first, last)
 
 
 # -- LXMERT ------------------------------------------------------------------------------------

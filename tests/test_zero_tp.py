@@ -24,7 +24,7 @@ from tests.conftest import run_cli
 from vlforge.errors import UserError
 from vlforge.train import checkpoint as ckpt
 from vlforge.train import trainer
-from vlforge.train.distributed import free_port, parallelize
+from vlforge.train.distributed import DistInfo, free_port, parallelize
 from vlforge.train.parallel import ParallelConfig
 from vlforge.train.parallel.memory import rank_bytes
 from vlforge.train.parallel.tensor_parallel import tp_plan
@@ -93,13 +93,19 @@ def step(model, optimizer, scheduler, micro: list[dict]) -> dict[str, float]:
     return {"loss": m["loss"], "grad_norm": m["grad_norm"]}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def init_rank(rank: int, world: int, port: int) -> DistInfo:
+    """Join a `world`-rank CPU process group as `rank` (a worker of `mp.start_processes`), at
+    one torch thread."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
     torch.set_num_threads(1)
-    info = trainer.init_distributed("cpu")
+    return trainer.init_distributed("cpu")
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    info = init_rank(rank, world, port)
     results: dict = {}
     for name in RECIPES:
         for mode, scaling in MODES.items():
@@ -208,12 +214,7 @@ def test_two_rank_checkpoint_loads_at_one_rank(two_ranks, tmp_path, mode):
 
 def _mesh_worker(rank: int, world: int, port: int, out: str) -> None:
     """Four ranks as a 2×2 (dp, tp) mesh: FSDP2 over dp composed with tensor parallel over tp."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    info = trainer.init_distributed("cpu")
+    info = init_rank(rank, world, port)
     dp = trainer.data_parallel(info, config("vilbert", tp=2, zero=3))
     results = {}
     for zero in (2, 3):

@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import torch
 from torch import nn
+
+from vlforge.train.blocks import RegionEmbeddings, TextEmbeddings, TransformerEncoder
+from vlforge.train.losses import MLMHead
 
 # Sizes the trainer reads off the data and passes to every recipe; a recipe without such a field
 # (CLIP has no regions) ignores them instead of failing.
@@ -56,6 +59,89 @@ class RegionTextConfig(RecipeConfig):
     region_dim: int = 2048
     geometry: int = 0
     num_region_classes: int = 1601
+
+
+# The "small" size every single-stream region recipe shares (64-wide, 2 layers); recipes add or
+# override what differs, e.g. `InterbertConfig(**SMALL_REGION_TEXT | {"layers": 1})`.
+SMALL_REGION_TEXT: dict[str, Any] = {
+    "hidden": 64,
+    "layers": 2,
+    "heads": 4,
+    "mlp": 128,
+    "max_len": 128,
+    "region_dim": 64,
+    "num_region_classes": 32,
+    "dropout": 0.0,
+    "attn_dropout": 0.0,
+    "init_std": SMALL_INIT_STD,
+}
+
+
+class TextEncoderConfig(Protocol):
+    """The BERT fields the builders below read: a `RegionTextConfig`, or a config with the same
+    text-side fields (Pixel-BERT's)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def hidden(self) -> int: ...
+    @property
+    def layers(self) -> int: ...
+    @property
+    def heads(self) -> int: ...
+    @property
+    def mlp(self) -> int: ...
+    @property
+    def max_len(self) -> int: ...
+    @property
+    def type_vocab(self) -> int: ...
+    @property
+    def act(self) -> str: ...
+    @property
+    def eps(self) -> float: ...
+    @property
+    def dropout(self) -> float: ...
+    @property
+    def attn_dropout(self) -> float: ...
+    @property
+    def pad_id(self) -> int | None: ...
+
+
+# Builders of the blocks BERT-based recipes share, configured by the recipe's config. Each builds
+# one module where the recipe calls it, so a recipe's construction order (and with it the random
+# init for a seed) is the order of its calls.
+
+
+def text_embeddings(cfg: TextEncoderConfig) -> TextEmbeddings:
+    """BERT's word + position + segment embeddings, `hidden` wide."""
+    return TextEmbeddings(
+        cfg.vocab_size, cfg.hidden, cfg.max_len, cfg.type_vocab, eps=cfg.eps, dropout=cfg.dropout,
+        pad_id=cfg.pad_id,
+    )  # fmt: skip
+
+
+def region_embeddings(
+    cfg: RegionTextConfig, dim: int | None = None, **options: bool
+) -> RegionEmbeddings:
+    """Regions (`region_dim` features + `geometry`-d boxes) projected to `dim` (default `hidden`);
+    `options`: RegionEmbeddings' part_norm / mask_embedding."""
+    return RegionEmbeddings(
+        cfg.region_dim, cfg.geometry, cfg.hidden if dim is None else dim, eps=cfg.eps,
+        dropout=cfg.dropout, **options,
+    )  # fmt: skip
+
+
+def transformer_encoder(cfg: TextEncoderConfig, layers: int | None = None) -> TransformerEncoder:
+    """`layers` (default `cfg.layers`) BERT layers, `hidden` wide."""
+    return TransformerEncoder(
+        cfg.layers if layers is None else layers, cfg.hidden, cfg.heads, cfg.mlp, act=cfg.act,
+        eps=cfg.eps, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
+    )  # fmt: skip
+
+
+def mlm_head(cfg: TextEncoderConfig, text: TextEmbeddings) -> MLMHead:
+    """BERT's MLM head over `hidden`, its decoder tied to `text`'s word embeddings."""
+    return MLMHead(cfg.hidden, cfg.vocab_size, cfg.act, cfg.eps, tie_to=text.word)
 
 
 def resolve_config(sizes: dict[str, C], size: str, vocab_size: int, overrides: dict[str, Any]) -> C:

@@ -41,7 +41,7 @@ from vlforge.train.losses import (
 )
 from vlforge.train.recipes.base import require
 from vlforge.train.recipes.registry import register_recipe
-from vlforge.train.recipes.vilbert import Vilbert, VilbertConfig
+from vlforge.train.recipes.vilbert import SMALL_VILBERT, Vilbert, VilbertConfig
 from vlforge.train.tokenizer import TextTokenizer
 
 # Scene-graph kind (sg.json list) → its task name; the batch key is f"{task}_labels".
@@ -175,25 +175,7 @@ class ErnieVil(Vilbert):
     name = "ernie_vil"
     supported_tasks = frozenset({"mlm", "mrc_kl", "mrc", "itm", *SG_TASKS.values()})
     sizes: ClassVar[dict[str, ErnieVilConfig]] = {  # type: ignore[assignment]
-        "small": ErnieVilConfig(
-            hidden=64,
-            layers=2,
-            heads=4,
-            mlp=128,
-            v_hidden=48,
-            v_layers=2,
-            v_heads=4,
-            v_mlp=96,
-            bi_hidden=64,
-            bi_heads=4,
-            t_co=(1, 2),
-            v_co=(0, 1),
-            max_len=128,
-            region_dim=64,
-            num_region_classes=32,
-            dropout=0.0,
-            attn_dropout=0.0,
-        ),  # fmt: skip
+        "small": ErnieVilConfig(**SMALL_VILBERT),
         "base": ErnieVilConfig(),
     }
     extra_fields = ("sg.json",)

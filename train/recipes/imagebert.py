@@ -17,11 +17,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from vlforge.train.blocks import Pooler, SegmentEmbeddings, TransformerEncoder, attention_mask
+from vlforge.train.blocks import Pooler, SegmentEmbeddings, attention_mask
 from vlforge.train.losses import (
     IGNORE,
     ITMHead,
-    MLMHead,
     RegionClassifier,
     RegionFeatureRegressor,
     itm_loss,
@@ -31,7 +30,14 @@ from vlforge.train.losses import (
     mrc_loss,
     mrfr_loss,
 )
-from vlforge.train.recipes.base import SMALL_INIT_STD, Recipe, RegionTextConfig, require
+from vlforge.train.recipes.base import (
+    SMALL_REGION_TEXT,
+    Recipe,
+    RegionTextConfig,
+    mlm_head,
+    require,
+    transformer_encoder,
+)
 from vlforge.train.recipes.registry import register_recipe
 
 
@@ -67,18 +73,7 @@ class ImageBert(Recipe):
         "region_zero_frac": 0.9,
     }
     sizes: ClassVar[dict[str, ImageBertConfig]] = {  # type: ignore[assignment]
-        "small": ImageBertConfig(
-            hidden=64,
-            layers=2,
-            heads=4,
-            mlp=128,
-            max_len=128,
-            region_dim=64,
-            num_region_classes=32,
-            dropout=0.0,
-            attn_dropout=0.0,
-            init_std=SMALL_INIT_STD,
-        ),
+        "small": ImageBertConfig(**SMALL_REGION_TEXT),
         "base": ImageBertConfig(),  # BERT-base; 2048-d features of 1600 VG classes + background
     }
 
@@ -91,12 +86,9 @@ class ImageBert(Recipe):
             cfg.vocab_size, h, cfg.region_dim, cfg.geometry, cfg.max_len, cfg.type_vocab, eps=eps,
             dropout=cfg.dropout, pad_id=cfg.pad_id,
         )  # fmt: skip
-        self.encoder = TransformerEncoder(
-            cfg.layers, h, cfg.heads, cfg.mlp, act=cfg.act, eps=eps, dropout=cfg.dropout,
-            attn_dropout=cfg.attn_dropout,
-        )  # fmt: skip
+        self.encoder = transformer_encoder(cfg)
         self.pooler = Pooler(h)
-        self.mlm = MLMHead(h, cfg.vocab_size, cfg.act, eps, tie_to=self.embed.text.word)
+        self.mlm = mlm_head(cfg, self.embed.text)
         self.moc = RegionClassifier(h, cfg.num_region_classes, cfg.act, eps)
         self.mrfr = RegionFeatureRegressor(h, cfg.region_dim, cfg.act, eps)
         self.itm = ITMHead(h)

@@ -22,15 +22,11 @@ import torch
 
 from vlforge.train.blocks import (
     Pooler,
-    RegionEmbeddings,
-    TextEmbeddings,
-    TransformerEncoder,
     attention_mask,
     prepend_global_region,
 )
 from vlforge.train.losses import (
     ITMHead,
-    MLMHead,
     RegionClassifier,
     RegionFeatureRegressor,
     itm_loss,
@@ -40,7 +36,16 @@ from vlforge.train.losses import (
     mrc_kl_loss,
     mrfr_loss,
 )
-from vlforge.train.recipes.base import SMALL_INIT_STD, Recipe, RegionTextConfig, require
+from vlforge.train.recipes.base import (
+    SMALL_REGION_TEXT,
+    Recipe,
+    RegionTextConfig,
+    mlm_head,
+    region_embeddings,
+    require,
+    text_embeddings,
+    transformer_encoder,
+)
 from vlforge.train.recipes.registry import register_recipe
 
 
@@ -61,19 +66,7 @@ class Interbert(Recipe):
     inputs = frozenset({"text", "regions"})
     supported_tasks = frozenset({"msm", "mrm", "itm"})
     sizes: ClassVar[dict[str, InterbertConfig]] = {  # type: ignore[assignment]
-        "small": InterbertConfig(
-            hidden=64,
-            layers=1,
-            stream_layers=1,
-            heads=4,
-            mlp=128,
-            max_len=128,
-            region_dim=64,
-            num_region_classes=32,
-            dropout=0.0,
-            attn_dropout=0.0,
-            init_std=SMALL_INIT_STD,
-        ),  # fmt: skip
+        "small": InterbertConfig(**SMALL_REGION_TEXT | {"layers": 1, "stream_layers": 1}),
         "base": InterbertConfig(),
     }
     region_mask_overlap = True
@@ -84,20 +77,14 @@ class Interbert(Recipe):
         self.cfg: InterbertConfig = cfg
         self.geometry = cfg.geometry
         h, eps = cfg.hidden, cfg.eps
-        layer = dict(act=cfg.act, eps=eps, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
-        self.text = TextEmbeddings(
-            cfg.vocab_size, h, cfg.max_len, cfg.type_vocab, eps=eps, dropout=cfg.dropout,
-            pad_id=cfg.pad_id,
-        )  # fmt: skip
-        self.regions = RegionEmbeddings(
-            cfg.region_dim, cfg.geometry, h, eps=eps, dropout=cfg.dropout
-        )
-        self.interaction = TransformerEncoder(cfg.layers, h, cfg.heads, cfg.mlp, **layer)
-        self.text_stream = TransformerEncoder(cfg.stream_layers, h, cfg.heads, cfg.mlp, **layer)
-        self.image_stream = TransformerEncoder(cfg.stream_layers, h, cfg.heads, cfg.mlp, **layer)
+        self.text = text_embeddings(cfg)
+        self.regions = region_embeddings(cfg)
+        self.interaction = transformer_encoder(cfg)
+        self.text_stream = transformer_encoder(cfg, cfg.stream_layers)
+        self.image_stream = transformer_encoder(cfg, cfg.stream_layers)
         self.t_pool = Pooler(h)
         self.v_pool = Pooler(h)
-        self.mlm = MLMHead(h, cfg.vocab_size, cfg.act, eps, tie_to=self.text.word)
+        self.mlm = mlm_head(cfg, self.text)
         self.mrc = RegionClassifier(h, cfg.num_region_classes, cfg.act, eps)
         self.mrfr = RegionFeatureRegressor(h, cfg.region_dim, cfg.act, eps)
         self.itm = ITMHead(2 * h)

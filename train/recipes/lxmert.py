@@ -41,7 +41,6 @@ from vlforge.train.blocks import (
     CrossModalityLayer,
     MeanRegionEmbeddings,
     Pooler,
-    TextEmbeddings,
     TransformerLayer,
     attention_mask,
 )
@@ -50,7 +49,6 @@ from vlforge.train.losses import (
     IGNORE,
     AnswerHead,
     ITMHead,
-    MLMHead,
     RegionClassifier,
     RegionFeatureRegressor,
     itm_loss,
@@ -62,7 +60,14 @@ from vlforge.train.losses import (
     qa_loss,
 )
 from vlforge.train.masking import mask_tokens
-from vlforge.train.recipes.base import SMALL_INIT_STD, Recipe, RegionTextConfig, require
+from vlforge.train.recipes.base import (
+    SMALL_REGION_TEXT,
+    Recipe,
+    RegionTextConfig,
+    mlm_head,
+    require,
+    text_embeddings,
+)
 from vlforge.train.recipes.registry import register_recipe
 from vlforge.world.questions import ANSWERS
 
@@ -184,20 +189,7 @@ class Lxmert(Recipe):
     inputs = frozenset({"text", "regions"})
     supported_tasks = frozenset({"mlm", "mrc", "mrfr", "match", "qa"})
     sizes: ClassVar[dict[str, LxmertConfig]] = {  # type: ignore[assignment]
-        "small": LxmertConfig(
-            hidden=64,
-            layers=1,
-            r_layers=1,
-            x_layers=2,
-            heads=4,
-            mlp=128,
-            max_len=128,
-            region_dim=64,
-            num_region_classes=32,
-            dropout=0.0,
-            attn_dropout=0.0,
-            init_std=SMALL_INIT_STD,
-        ),  # fmt: skip
+        "small": LxmertConfig(**SMALL_REGION_TEXT | {"layers": 1, "r_layers": 1, "x_layers": 2}),
         "base": LxmertConfig(),
     }
     batch_hook = staticmethod(lxmert_batch)
@@ -211,10 +203,7 @@ class Lxmert(Recipe):
         self.answer_index = {a: i for i, a in enumerate(cfg.answers)}
         h, eps = cfg.hidden, cfg.eps
         kw = dict(act=cfg.act, eps=eps, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
-        self.text = TextEmbeddings(
-            cfg.vocab_size, h, cfg.max_len, cfg.type_vocab, eps=eps, dropout=cfg.dropout,
-            pad_id=cfg.pad_id,
-        )  # fmt: skip
+        self.text = text_embeddings(cfg)
         self.regions = MeanRegionEmbeddings(
             cfg.region_dim, cfg.geometry, h, eps, cfg.dropout, mask_embedding=True
         )
@@ -231,7 +220,7 @@ class Lxmert(Recipe):
             for _ in range(cfg.x_layers)
         )
         self.pooler = Pooler(h)
-        self.mlm = MLMHead(h, cfg.vocab_size, cfg.act, eps, tie_to=self.text.word)
+        self.mlm = mlm_head(cfg, self.text)
         self.mrc = RegionClassifier(h, cfg.num_region_classes, cfg.act, eps)
         self.mrfr = RegionFeatureRegressor(h, cfg.region_dim, cfg.act, eps)
         self.itm = ITMHead(h)

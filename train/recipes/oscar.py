@@ -25,23 +25,28 @@ from torch.nn.utils.rnn import pad_sequence
 
 from vlforge.train.blocks import (
     Pooler,
-    RegionEmbeddings,
-    TextEmbeddings,
-    TransformerEncoder,
     attention_mask,
 )
 from vlforge.train.collate import BatchContext
 from vlforge.train.losses import (
     IGNORE,
     ITMHead,
-    MLMHead,
     itm_loss,
     itm_score,
     masked_select,
     mlm_loss,
 )
 from vlforge.train.masking import mask_tokens
-from vlforge.train.recipes.base import SMALL_INIT_STD, Recipe, RegionTextConfig, require
+from vlforge.train.recipes.base import (
+    SMALL_REGION_TEXT,
+    Recipe,
+    RegionTextConfig,
+    mlm_head,
+    region_embeddings,
+    require,
+    text_embeddings,
+    transformer_encoder,
+)
 from vlforge.train.recipes.registry import register_recipe
 
 MAX_TAG_TOKENS = 20  # tag tokens per row, the closing [SEP] included
@@ -132,18 +137,7 @@ class Oscar(Recipe):
     extra_fields = ("tags.json",)
     batch_hook = staticmethod(oscar_batch_hook)
     sizes: ClassVar[dict[str, OscarConfig]] = {  # type: ignore[assignment]
-        "small": OscarConfig(
-            hidden=64,
-            layers=2,
-            heads=4,
-            mlp=128,
-            max_len=128,
-            region_dim=64,
-            num_region_classes=32,
-            dropout=0.0,
-            attn_dropout=0.0,
-            init_std=SMALL_INIT_STD,
-        ),
+        "small": OscarConfig(**SMALL_REGION_TEXT),
         "base": OscarConfig(),  # BERT-base; 2048-d features
     }
 
@@ -151,20 +145,12 @@ class Oscar(Recipe):
         super().__init__(cfg)
         self.cfg: OscarConfig = cfg
         self.geometry = cfg.geometry
-        h, eps = cfg.hidden, cfg.eps
-        self.text = TextEmbeddings(
-            cfg.vocab_size, h, cfg.max_len, cfg.type_vocab, eps=eps, dropout=cfg.dropout,
-            pad_id=cfg.pad_id,
-        )  # fmt: skip
-        self.regions = RegionEmbeddings(
-            cfg.region_dim, cfg.geometry, h, eps=eps, dropout=cfg.dropout
-        )
-        self.encoder = TransformerEncoder(
-            cfg.layers, h, cfg.heads, cfg.mlp, act=cfg.act, eps=eps, dropout=cfg.dropout,
-            attn_dropout=cfg.attn_dropout,
-        )  # fmt: skip
+        h = cfg.hidden
+        self.text = text_embeddings(cfg)
+        self.regions = region_embeddings(cfg)
+        self.encoder = transformer_encoder(cfg)
         self.pooler = Pooler(h)
-        self.mlm = MLMHead(h, cfg.vocab_size, cfg.act, eps, tie_to=self.text.word)
+        self.mlm = mlm_head(cfg, self.text)
         self.contrastive = ITMHead(h)  # 2-way: polluted (0) or original (1)
 
     def tag_positions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,18 +19,19 @@ from torch import nn
 from vlforge.train.blocks import (
     Pooler,
     ResNetFeatures,
-    TextEmbeddings,
-    TransformerEncoder,
     attention_mask,
     sample_tokens,
 )
-from vlforge.train.losses import ITMHead, MLMHead, itm_loss, itm_score, masked_select, mlm_loss
+from vlforge.train.losses import ITMHead, itm_loss, itm_score, masked_select, mlm_loss
 from vlforge.train.recipes.base import (
     SMALL_INIT_STD,
     Recipe,
     RecipeConfig,
     init_weights,
+    mlm_head,
     require,
+    text_embeddings,
+    transformer_encoder,
 )
 from vlforge.train.recipes.registry import register_recipe
 
@@ -88,21 +89,15 @@ class PixelBert(Recipe):
         super().__init__(cfg)
         self.cfg: PixelBertConfig = cfg
         self.image_size = cfg.image_size
-        h, eps = cfg.hidden, cfg.eps
-        self.text = TextEmbeddings(
-            cfg.vocab_size, h, cfg.max_len, cfg.type_vocab, eps=eps, dropout=cfg.dropout,
-            pad_id=cfg.pad_id,
-        )  # fmt: skip
+        h = cfg.hidden
+        self.text = text_embeddings(cfg)
         self.cnn = ResNetFeatures(cfg.backbone, cfg.resnet_blocks, cfg.resnet_stages)
         self.pixel_proj = nn.Linear(self.cnn.out_channels, h)
         self.pixel_semantic = nn.Parameter(torch.zeros(h))  # s_v
         self.pixel_drop = nn.Dropout(cfg.dropout)
-        self.encoder = TransformerEncoder(
-            cfg.layers, h, cfg.heads, cfg.mlp, act=cfg.act, eps=eps, dropout=cfg.dropout,
-            attn_dropout=cfg.attn_dropout,
-        )  # fmt: skip
+        self.encoder = transformer_encoder(cfg)
         self.pooler = Pooler(h)
-        self.mlm = MLMHead(h, cfg.vocab_size, cfg.act, eps, tie_to=self.text.word)
+        self.mlm = mlm_head(cfg, self.text)
         self.itm = ITMHead(h)
 
     def reset_parameters(self) -> None:

@@ -14,14 +14,10 @@ from typing import Any, ClassVar
 import torch
 
 from vlforge.train.blocks import (
-    RegionEmbeddings,
-    TextEmbeddings,
-    TransformerEncoder,
     attention_mask,
 )
 from vlforge.train.losses import (
     ITMHead,
-    MLMHead,
     RegionClassifier,
     itm_loss,
     itm_score,
@@ -29,7 +25,16 @@ from vlforge.train.losses import (
     mlm_loss,
     mrc_loss,
 )
-from vlforge.train.recipes.base import SMALL_INIT_STD, Recipe, RegionTextConfig, require
+from vlforge.train.recipes.base import (
+    SMALL_REGION_TEXT,
+    Recipe,
+    RegionTextConfig,
+    mlm_head,
+    region_embeddings,
+    require,
+    text_embeddings,
+    transformer_encoder,
+)
 from vlforge.train.recipes.registry import register_recipe
 
 
@@ -46,18 +51,7 @@ class UnicoderVL(Recipe):
     inputs = frozenset({"text", "regions"})
     supported_tasks = frozenset({"mlm", "moc", "vlm"})
     sizes: ClassVar[dict[str, UnicoderVLConfig]] = {  # type: ignore[assignment]
-        "small": UnicoderVLConfig(
-            hidden=64,
-            layers=2,
-            heads=4,
-            mlp=128,
-            max_len=128,
-            region_dim=64,
-            num_region_classes=32,
-            dropout=0.0,
-            attn_dropout=0.0,
-            init_std=SMALL_INIT_STD,
-        ),
+        "small": UnicoderVLConfig(**SMALL_REGION_TEXT),
         "base": UnicoderVLConfig(),  # BERT-base, 2048-d features of 1600 VG classes + background
     }
 
@@ -66,18 +60,10 @@ class UnicoderVL(Recipe):
         self.cfg: UnicoderVLConfig = cfg
         self.geometry = cfg.geometry
         h, eps = cfg.hidden, cfg.eps
-        self.text = TextEmbeddings(
-            cfg.vocab_size, h, cfg.max_len, cfg.type_vocab, eps=eps, dropout=cfg.dropout,
-            pad_id=cfg.pad_id,
-        )  # fmt: skip
-        self.regions = RegionEmbeddings(
-            cfg.region_dim, cfg.geometry, h, eps=eps, dropout=cfg.dropout
-        )
-        self.encoder = TransformerEncoder(
-            cfg.layers, h, cfg.heads, cfg.mlp, act=cfg.act, eps=eps, dropout=cfg.dropout,
-            attn_dropout=cfg.attn_dropout,
-        )  # fmt: skip
-        self.mlm = MLMHead(h, cfg.vocab_size, cfg.act, eps, tie_to=self.text.word)
+        self.text = text_embeddings(cfg)
+        self.regions = region_embeddings(cfg)
+        self.encoder = transformer_encoder(cfg)
+        self.mlm = mlm_head(cfg, self.text)
         self.moc = RegionClassifier(h, cfg.num_region_classes, cfg.act, eps)
         self.vlm = ITMHead(h)  # Unicoder-VL's FC layer on [CLS]
 

@@ -26,14 +26,10 @@ from vlforge.train.adversarial import (
 )
 from vlforge.train.blocks import (
     Pooler,
-    RegionEmbeddings,
-    TextEmbeddings,
-    TransformerEncoder,
     attention_mask,
 )
 from vlforge.train.losses import (
     ITMHead,
-    MLMHead,
     RegionClassifier,
     RegionFeatureRegressor,
     itm_loss,
@@ -46,7 +42,16 @@ from vlforge.train.losses import (
     optimal_transport_distance,
     wra_loss,
 )
-from vlforge.train.recipes.base import SMALL_INIT_STD, Recipe, RegionTextConfig, require
+from vlforge.train.recipes.base import (
+    SMALL_REGION_TEXT,
+    Recipe,
+    RegionTextConfig,
+    mlm_head,
+    region_embeddings,
+    require,
+    text_embeddings,
+    transformer_encoder,
+)
 from vlforge.train.recipes.registry import register_recipe
 
 REGION_TASKS = ("mrfr", "mrc", "mrc_kl")
@@ -70,18 +75,7 @@ class Uniter(Recipe):
     inputs = frozenset({"text", "regions"})
     supported_tasks = frozenset({"mlm", "mrm", *REGION_TASKS, "itm", "wra"})
     sizes: ClassVar[dict[str, UniterConfig]] = {  # type: ignore[assignment]
-        "small": UniterConfig(
-            hidden=64,
-            layers=2,
-            heads=4,
-            mlp=128,
-            max_len=128,
-            region_dim=64,
-            num_region_classes=32,
-            dropout=0.0,
-            attn_dropout=0.0,
-            init_std=SMALL_INIT_STD,
-        ),  # fmt: skip
+        "small": UniterConfig(**SMALL_REGION_TEXT),
         "base": UniterConfig(),
     }
     conditional_masking = True
@@ -94,20 +88,11 @@ class Uniter(Recipe):
         check_config(cfg)
         self.loss_weights |= adversarial_loss_weights(cfg)
         h, eps = cfg.hidden, cfg.eps
-        self.text = TextEmbeddings(
-            cfg.vocab_size, h, cfg.max_len, cfg.type_vocab, eps=eps, dropout=cfg.dropout,
-            pad_id=cfg.pad_id,
-        )  # fmt: skip
-        self.regions = RegionEmbeddings(
-            cfg.region_dim, cfg.geometry, h, part_norm=True, eps=eps, dropout=cfg.dropout,
-            mask_embedding=True,
-        )  # fmt: skip
-        self.encoder = TransformerEncoder(
-            cfg.layers, h, cfg.heads, cfg.mlp, act=cfg.act, eps=eps, dropout=cfg.dropout,
-            attn_dropout=cfg.attn_dropout,
-        )  # fmt: skip
+        self.text = text_embeddings(cfg)
+        self.regions = region_embeddings(cfg, part_norm=True, mask_embedding=True)
+        self.encoder = transformer_encoder(cfg)
         self.pooler = Pooler(h)
-        self.mlm = MLMHead(h, cfg.vocab_size, cfg.act, eps, tie_to=self.text.word)
+        self.mlm = mlm_head(cfg, self.text)
         self.mrfr = RegionFeatureRegressor(h, cfg.region_dim, cfg.act, eps)
         self.mrc = RegionClassifier(h, cfg.num_region_classes, cfg.act, eps)
         self.itm = ITMHead(h)

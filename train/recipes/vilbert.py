@@ -18,15 +18,12 @@ from torch import nn
 from vlforge.train.blocks import (
     CoAttentionLayer,
     Pooler,
-    RegionEmbeddings,
-    TextEmbeddings,
     TransformerLayer,
     attention_mask,
     prepend_global_region,
 )
 from vlforge.train.losses import (
     ITMHead,
-    MLMHead,
     RegionClassifier,
     itm_loss,
     itm_score,
@@ -35,7 +32,15 @@ from vlforge.train.losses import (
     mrc_kl_loss,
     mrc_loss,
 )
-from vlforge.train.recipes.base import Recipe, RegionTextConfig, require
+from vlforge.train.recipes.base import (
+    SMALL_REGION_TEXT,
+    Recipe,
+    RegionTextConfig,
+    mlm_head,
+    region_embeddings,
+    require,
+    text_embeddings,
+)
 from vlforge.train.recipes.registry import register_recipe
 
 
@@ -56,31 +61,28 @@ class VilbertConfig(RegionTextConfig):
     geometry: int = 5
 
 
+# The small two-stream size (ViLBERT's and ERNIE-ViL's): the shared small text side, a narrower
+# image stream, and BERT's init std rather than SMALL_INIT_STD.
+SMALL_VILBERT: dict[str, Any] = SMALL_REGION_TEXT | {
+    "init_std": RegionTextConfig.init_std,
+    "v_hidden": 48,
+    "v_layers": 2,
+    "v_heads": 4,
+    "v_mlp": 96,
+    "bi_hidden": 64,
+    "bi_heads": 4,
+    "t_co": (1, 2),
+    "v_co": (0, 1),
+}
+
+
 @register_recipe("vilbert")
 class Vilbert(Recipe):
     name = "vilbert"
     inputs = frozenset({"text", "regions"})
     supported_tasks = frozenset({"mlm", "mrc_kl", "mrc", "mrm", "itm"})
     sizes: ClassVar[dict[str, VilbertConfig]] = {  # type: ignore[assignment]
-        "small": VilbertConfig(
-            hidden=64,
-            layers=2,
-            heads=4,
-            mlp=128,
-            v_hidden=48,
-            v_layers=2,
-            v_heads=4,
-            v_mlp=96,
-            bi_hidden=64,
-            bi_heads=4,
-            t_co=(1, 2),
-            v_co=(0, 1),
-            max_len=128,
-            region_dim=64,
-            num_region_classes=32,
-            dropout=0.0,
-            attn_dropout=0.0,
-        ),  # fmt: skip
+        "small": VilbertConfig(**SMALL_VILBERT),
         "base": VilbertConfig(),
     }
 
@@ -94,13 +96,8 @@ class Vilbert(Recipe):
             if list(ids) != sorted(ids) or (ids and (ids[0] < 0 or ids[-1] > n)):
                 raise ValueError(f"co-attention positions {ids} must rise within 0..{n}")
         eps, drop = cfg.eps, dict(dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
-        self.text = TextEmbeddings(
-            cfg.vocab_size, cfg.hidden, cfg.max_len, cfg.type_vocab, eps=eps,
-            dropout=cfg.dropout, pad_id=cfg.pad_id,
-        )  # fmt: skip
-        self.regions = RegionEmbeddings(
-            cfg.region_dim, cfg.geometry, cfg.v_hidden, eps=eps, dropout=cfg.dropout
-        )
+        self.text = text_embeddings(cfg)
+        self.regions = region_embeddings(cfg, dim=cfg.v_hidden)
         self.t_layers = nn.ModuleList(
             TransformerLayer(cfg.hidden, cfg.heads, cfg.mlp, cfg.act, eps=eps, **drop)
             for _ in range(cfg.layers)
@@ -126,7 +123,7 @@ class Vilbert(Recipe):
         # ViLBERT pools each stream's first token into the bi-attention width with a ReLU.
         self.t_pool = Pooler(cfg.hidden, cfg.bi_hidden, act="relu")
         self.v_pool = Pooler(cfg.v_hidden, cfg.bi_hidden, act="relu")
-        self.mlm = MLMHead(cfg.hidden, cfg.vocab_size, cfg.act, eps, tie_to=self.text.word)
+        self.mlm = mlm_head(cfg, self.text)
         self.mrc = RegionClassifier(cfg.v_hidden, cfg.num_region_classes, cfg.act, eps)
         self.itm = ITMHead(cfg.bi_hidden)
 

@@ -14,9 +14,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from vlforge.train.blocks import Pooler, SegmentEmbeddings, TransformerEncoder, attention_mask
-from vlforge.train.losses import ITMHead, MLMHead, itm_loss, itm_score, masked_select, mlm_loss
-from vlforge.train.recipes.base import SMALL_INIT_STD, Recipe, RegionTextConfig, require
+from vlforge.train.blocks import Pooler, SegmentEmbeddings, attention_mask
+from vlforge.train.losses import ITMHead, itm_loss, itm_score, masked_select, mlm_loss
+from vlforge.train.recipes.base import (
+    SMALL_REGION_TEXT,
+    Recipe,
+    RegionTextConfig,
+    mlm_head,
+    require,
+    transformer_encoder,
+)
 from vlforge.train.recipes.registry import register_recipe
 
 
@@ -35,18 +42,7 @@ class VisualBert(Recipe):
     # replace the caption, never the image (where a run keeps the default).
     masking_defaults: ClassVar[dict[str, Any]] = {"itm_image_swap": 0.0}
     sizes: ClassVar[dict[str, VisualBertConfig]] = {  # type: ignore[assignment]
-        "small": VisualBertConfig(
-            hidden=64,
-            layers=2,
-            heads=4,
-            mlp=128,
-            max_len=128,
-            region_dim=64,
-            num_region_classes=32,
-            dropout=0.0,
-            attn_dropout=0.0,
-            init_std=SMALL_INIT_STD,
-        ),
+        "small": VisualBertConfig(**SMALL_REGION_TEXT),
         "base": VisualBertConfig(),  # BERT-base, 2048-d detector features (the COCO models)
     }
 
@@ -58,12 +54,9 @@ class VisualBert(Recipe):
             cfg.vocab_size, h, cfg.region_dim, 0, cfg.max_len, cfg.type_vocab, eps=cfg.eps,
             dropout=cfg.dropout, pad_id=cfg.pad_id,
         )  # fmt: skip
-        self.encoder = TransformerEncoder(
-            cfg.layers, h, cfg.heads, cfg.mlp, act=cfg.act, eps=cfg.eps, dropout=cfg.dropout,
-            attn_dropout=cfg.attn_dropout,
-        )  # fmt: skip
+        self.encoder = transformer_encoder(cfg)
         self.pooler = Pooler(h)
-        self.mlm = MLMHead(h, cfg.vocab_size, cfg.act, cfg.eps, tie_to=self.embed.text.word)
+        self.mlm = mlm_head(cfg, self.embed.text)
         self.itm = ITMHead(h)
 
     def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:

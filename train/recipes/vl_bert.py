@@ -33,13 +33,11 @@ from torch import nn
 
 from vlforge.train.blocks import (
     TextEmbeddings,
-    TransformerEncoder,
     attention_mask,
     build_roi_extractor,
 )
 from vlforge.train.collate import CLIP_MEAN, CLIP_STD, BatchContext
 from vlforge.train.losses import (
-    MLMHead,
     RegionClassifier,
     masked_select,
     mlm_loss,
@@ -50,7 +48,9 @@ from vlforge.train.recipes.base import (
     Recipe,
     RegionTextConfig,
     init_weights,
+    mlm_head,
     require,
+    transformer_encoder,
 )
 from vlforge.train.recipes.registry import register_recipe
 
@@ -168,11 +168,8 @@ class VlBert(Recipe):
             cfg.detector_weights, cfg.detector_fpn, cfg.detector_dim
         )
         self.visual = nn.Linear(self.detector.dim + cfg.geom_dim, h)
-        self.encoder = TransformerEncoder(
-            cfg.layers, h, cfg.heads, cfg.mlp, act=cfg.act, eps=cfg.eps, dropout=cfg.dropout,
-            attn_dropout=cfg.attn_dropout,
-        )  # fmt: skip
-        self.mlm = MLMHead(h, cfg.vocab_size, cfg.act, cfg.eps, tie_to=self.text.word)
+        self.encoder = transformer_encoder(cfg)
+        self.mlm = mlm_head(cfg, self.text)
         self.mrc = RegionClassifier(h, cfg.num_region_classes, cfg.act, cfg.eps)
 
     def reset_parameters(self) -> None:
