@@ -158,13 +158,16 @@ def generate_samples(args: argparse.Namespace, names: list[str], held_out: str, 
         out = args.out / "generated-unimo"
         run(["generate", "--recipe", "unimo", "--ckpt", str(args.out / "unimo"), "--shards",
              held_out, "--out", str(out), "--limit", "16"], log)  # fmt: skip
-        lines.append(f"unimo captions for held-out images: `{out}`")
+        lines.append(f"unimo captions for held-out images: `{out.relative_to(ROOT)}`")
     if "dalle" in names and "clip" in names:
         out = args.out / "generated-dalle"
         run(["generate", "--recipe", "dalle", "--ckpt", str(args.out / "dalle"), "--clip-ckpt",
              str(args.out / "clip"), "--shards", held_out, "--out", str(out), "--n", "4",
              "--limit", "8"], log)  # fmt: skip
-        lines.append(f"dalle images (PNG grids beside their captions, CLIP-reranked): `{out}`")
+        lines.append(
+            f"dalle images (PNG grids beside their captions, CLIP-reranked): "
+            f"`{out.relative_to(ROOT)}`"
+        )
     return "".join(f"\n{line}\n" for line in lines)
 
 
