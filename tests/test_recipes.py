@@ -3,8 +3,13 @@ losses, gradients to every parameter a task should train), and a 30-step run who
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from test_train_data import make_shards
 
 from vlforge.train.recipes import build_recipe, list_recipes, register_recipe
 from vlforge.train.recipes.base import Recipe
@@ -246,3 +251,70 @@ def test_thirty_steps_loss_falls(name):
         opt.step()
     last = total()
     assert last < 0.7 * first, (first, last)
+
+
+def _itr_batch(hard_neg_ratio: float, seed: int = 0) -> tuple[dict, list[dict]]:
+    """A real "itr" batch from the Assembler over make_shards samples (mine.json included)."""
+    from vlforge.train.collate import Assembler
+    from vlforge.train.data import expand_shards, iter_shard
+    from vlforge.train.decode import decode_sample
+    from vlforge.train.masking import MaskingConfig
+    from vlforge.train.tokenizer import train_wordpiece
+    from vlforge.train.trainer import TrainConfig, batch_spec
+
+    root = Path(tempfile.mkdtemp())
+    url = expand_shards(make_shards(root, n_shards=1, per_shard=8, seed=seed))[0]
+    samples = [decode_sample(raw) for raw in iter_shard(url)]
+    tok = train_wordpiece([s["txt"] for s in samples], 80)
+    model = build_recipe("uniter", "small", tok.vocab_size, region_dim=16, num_region_classes=5,
+                         tasks={"itr": 1.0})  # fmt: skip
+    cfg = TrainConfig(recipe="uniter", shards=url, out=str(root / "run"),
+                      masking=MaskingConfig(hard_neg_ratio=hard_neg_ratio))  # fmt: skip
+    batch = Assembler(batch_spec(model, cfg), tok)(samples, np.random.default_rng(seed))
+    return batch | {"model": model, "tok": tok}, samples
+
+
+def test_uniter_itr_groups_each_image_with_other_captions():
+    from vlforge.train.recipes.uniter import ITR_NEGATIVES
+
+    batch, samples = _itr_batch(hard_neg_ratio=0.0)
+    tok = batch["tok"]
+    assert batch["task"] == "itr" and batch["itr_input_ids"].shape[:2] == (8, ITR_NEGATIVES)
+    captions = {" ".join(s["txt"].lower().split()) for s in samples}
+    for i, s in enumerate(samples):
+        for k in range(ITR_NEGATIVES):
+            ids = batch["itr_input_ids"][i, k][batch["itr_attention_mask"][i, k] == 1]
+            text = tok.decode(ids.tolist())
+            assert text != " ".join(s["txt"].lower().split()) and text in captions
+    # With every negative mined, each comes from the row's own mine.json.
+    batch, samples = _itr_batch(hard_neg_ratio=1.0)
+    tok = batch["tok"]
+    for i, s in enumerate(samples):
+        hard = {h["caption"].lower() for h in s["mine.json"]["hard_negatives"]}
+        ids = batch["itr_input_ids"][i, 0][batch["itr_attention_mask"][i, 0] == 1]
+        assert tok.decode(ids.tolist()) in hard
+
+
+def test_uniter_itr_loss_is_a_softmax_over_each_images_candidates():
+    batch, _ = _itr_batch(hard_neg_ratio=0.0)
+    model = batch.pop("model").eval()
+    batch.pop("tok")
+    loss = model(batch)["itr"]
+    # By hand: each (image, caption) pair scored alone through the ITM head.
+    rows = []
+    for i in range(batch["input_ids"].shape[0]):
+        scores = []
+        cands = [(batch["input_ids"][i], batch["attention_mask"][i])] + [
+            (batch["itr_input_ids"][i, k], batch["itr_attention_mask"][i, k])
+            for k in range(batch["itr_input_ids"].shape[1])
+        ]
+        for ids, keys in cands:
+            n = int(keys.sum())
+            one = {
+                "input_ids": ids[None, :n], "attention_mask": keys[None, :n],
+                "token_type_ids": torch.zeros(1, n, dtype=torch.long),
+                **{k: batch[k][i : i + 1] for k in ("region_feats", "region_geom", "region_mask")},
+            }  # fmt: skip
+            scores.append(model.itm_score(one)[0])
+        rows.append(-torch.log_softmax(torch.stack(scores), 0)[0])
+    torch.testing.assert_close(loss, torch.stack(rows).mean(), rtol=1e-4, atol=1e-5)

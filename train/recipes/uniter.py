@@ -6,6 +6,12 @@ segment embedding, LayerNorm'd. Tasks sampled per batch with UNITER's mix ratio
 transport (λ = 0.1). "mrc" (hard label), "mrm" (MRFR + MRC-KL) and "wra" alone are available by
 override. Masking is conditional (one modality per row), done by the data side.
 
+"itr" is UNITER's retrieval fine-tuning objective as a task: each image scored against its caption
+and `ITR_NEGATIVES` others (mined hard negatives from `mine.json` for a `--hard-neg-ratio` share,
+else other captions of the batch) through the ITM head, with a softmax over the group. Among
+candidates for one image, whatever the head reads off the image alone cancels, so only the
+text-image interaction is rewarded — what binary ITM needs ~1000 steps of its ln 2 saddle to find.
+
 `embed` / `task_outputs` are the seam adversarial training (train/adversarial.py, VILLA) uses:
 `--set adversarial=true` perturbs the text and image embeddings.
 """
@@ -15,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vlforge.train.adversarial import (
     AdversarialConfig,
@@ -55,6 +63,43 @@ from vlforge.train.recipes.base import (
 from vlforge.train.recipes.registry import register_recipe
 
 REGION_TASKS = ("mrfr", "mrc", "mrc_kl")
+ITR_NEGATIVES = 3  # captions per image besides its own in an "itr" batch (cost: 1 + this)
+
+
+def ranking_negatives(batch: dict[str, Any], ctx: Any) -> None:
+    """Loader-side: `itr_input_ids`/`itr_attention_mask`/`itr_token_type_ids` (B×K×L), K other
+    captions per row, on the batches that train "itr" (ctx is train/collate.py's BatchContext)."""
+    tasks = {ctx.task} if ctx.task is not None else set(ctx.spec.tasks)
+    if "itr" not in tasks or ctx.tokenizer is None:
+        return
+    rng, captions = ctx.rng, ctx.captions
+    rows = []
+    for i, own in enumerate(captions):
+        hard = [
+            h["caption"]
+            for h in (ctx.samples[i].get("mine.json") or {}).get("hard_negatives", [])
+            if h.get("caption") and h["caption"] != own
+        ]
+        others = [c for c in captions if c != own] or ["[UNK]"]
+        picks = []
+        for _ in range(ITR_NEGATIVES):
+            pool = hard if hard and rng.random() < ctx.spec.masking.hard_neg_ratio else others
+            picks.append(pool[int(rng.integers(len(pool)))])
+        rows.append([ctx.tokenizer.encode(c, ctx.spec.max_text_len) for c in picks])
+    longest = max(len(e.ids) for row in rows for e in row)
+    shape = (len(rows), ITR_NEGATIVES, longest)
+    ids, keys, types = (
+        np.zeros(shape, np.int64),
+        np.zeros(shape, np.int64),
+        np.zeros(shape, np.int64),
+    )
+    for i, row in enumerate(rows):
+        for k, enc in enumerate(row):
+            n = len(enc.ids)
+            ids[i, k, :n], keys[i, k, :n], types[i, k, :n] = enc.ids, 1, enc.type_ids
+    batch["itr_input_ids"] = torch.from_numpy(ids)
+    batch["itr_attention_mask"] = torch.from_numpy(keys)
+    batch["itr_token_type_ids"] = torch.from_numpy(types)
 
 
 @dataclass
@@ -73,12 +118,14 @@ class UniterConfig(RegionTextConfig, AdversarialConfig):
 class Uniter(Recipe):
     name = "uniter"
     inputs = frozenset({"text", "regions"})
-    supported_tasks = frozenset({"mlm", "mrm", *REGION_TASKS, "itm", "wra"})
+    supported_tasks = frozenset({"mlm", "mrm", *REGION_TASKS, "itm", "wra", "itr"})
     sizes: ClassVar[dict[str, UniterConfig]] = {  # type: ignore[assignment]
         "small": UniterConfig(**SMALL_REGION_TEXT),
         "base": UniterConfig(),
     }
     conditional_masking = True
+    extra_fields = ("mine.json",)
+    batch_hook = staticmethod(ranking_negatives)
 
     def __init__(self, cfg: UniterConfig):
         super().__init__(cfg)
@@ -185,6 +232,8 @@ class Uniter(Recipe):
             require(batch, ["itm_labels"], "itm")
             logits_by_head["itm"] = self.itm(self.pooler(hidden))
             out["itm"] = itm_loss(logits_by_head["itm"], batch["itm_labels"])
+        if "itr" in wanted:
+            out["itr"] = self.ranking_loss(batch)
         if "wra" in wanted:
             require(batch, ["itm_labels"], "wra")
             # Tokens after [CLS] against the regions; [CLS] carries the pooled ITM state.
@@ -196,3 +245,34 @@ class Uniter(Recipe):
             )  # fmt: skip
             out["wra"] = wra_loss(dist, batch["itm_labels"])
         return out, logits_by_head
+
+    def ranking_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Softmax over [own caption; K others] of each image's ITM scores, own caption first."""
+        require(batch, ["itr_input_ids", "region_feats"], "itr")
+        neg = batch["itr_input_ids"]
+        b, k, _ = neg.shape
+        width = max(neg.shape[-1], batch["input_ids"].shape[-1])
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            return F.pad(x, (0, width - x.shape[-1]))
+
+        def grouped(own: str, others: str) -> torch.Tensor:
+            first = padded(batch[own])[:, None]
+            return torch.cat([first, padded(batch[others])], 1).flatten(0, 1)
+
+        pairs = {
+            "input_ids": grouped("input_ids", "itr_input_ids"),
+            "attention_mask": grouped("attention_mask", "itr_attention_mask"),
+            "token_type_ids": grouped("token_type_ids", "itr_token_type_ids"),
+        }
+        for key in ("region_feats", "region_geom", "region_mask"):
+            if key in batch:  # each image once per candidate caption
+                pairs[key] = batch[key].repeat_interleave(k + 1, dim=0)
+        hidden, _, _ = self.encode(pairs)
+        scores = itm_score(self.itm(self.pooler(hidden))).view(b, k + 1).float()
+        target = torch.zeros(b, dtype=torch.long, device=scores.device)
+        losses = F.cross_entropy(scores, target, reduction="none")
+        if "itm_labels" in batch:  # summed with ITM: a row holding a negative caption has no own
+            matched = batch["itm_labels"].to(losses.dtype)
+            return (losses * matched).sum() / matched.sum().clamp(min=1.0)
+        return losses.mean()
