@@ -9,8 +9,7 @@ import json
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers  # dev extra: a missing one must fail, not skip
 
 from vlforge.train.convert_hf import ConversionError, from_hf, main  # noqa: E402
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers  # dev extra: a missing one must fail, not skip
 
 from vlforge.train.convert_hf import detect_arch, from_hf, load_hf_checkpoint  # noqa: E402
 

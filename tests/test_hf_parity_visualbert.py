@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # dev extra: a missing one must fail, not skip
 
 from vlforge.train.convert_hf import ConversionError, detect_arch, from_hf, load_hf_checkpoint
-
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

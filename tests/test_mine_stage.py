@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import tarfile
 
@@ -46,7 +47,7 @@ def world_rows(n: int, seed: int = 0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def parser():
-    return pytest.importorskip("vlforge.featurize.scene_graph").SceneGraphParser()
+    return importlib.import_module("vlforge.featurize.scene_graph").SceneGraphParser()
 
 
 def write_shards(directory, rows, parser, shard_size=40) -> list[dict]:
