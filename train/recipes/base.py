@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vlforge.train.blocks import RegionEmbeddings, TextEmbeddings, TransformerEncoder
-from vlforge.train.losses import MLMHead
+from vlforge.train.losses import MLMHead, itm_loss, masked_select, mlm_loss
 
 # Sizes the trainer reads off the data and passes to every recipe; a recipe without such a field
 # (CLIP has no regions) ignores them instead of failing.
@@ -255,3 +255,18 @@ def require(batch: dict[str, Any], keys: Iterable[str], task: str) -> None:
     missing = [k for k in keys if k not in batch]
     if missing:
         raise KeyError(f"task {task!r} needs batch keys {missing}")
+
+
+def mlm_task_loss(
+    head: nn.Module, text_hidden: torch.Tensor, batch: dict[str, Any]
+) -> torch.Tensor:
+    """The MLM loss every text recipe computes: the head on the positions `mlm_labels` marks."""
+    require(batch, ["mlm_labels"], "mlm")
+    h, labels = masked_select(text_hidden, batch["mlm_labels"])
+    return mlm_loss(head(h), labels)
+
+
+def itm_task_loss(head: nn.Module, pooled: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The ITM loss of the pooled [CLS] against `itm_labels` (1 matched, 0 not)."""
+    require(batch, ["itm_labels"], "itm")
+    return itm_loss(head(pooled), batch["itm_labels"])

@@ -23,7 +23,6 @@ from vlforge.train.losses import (
     ITMHead,
     RegionClassifier,
     RegionFeatureRegressor,
-    itm_loss,
     itm_score,
     masked_select,
     mlm_loss,
@@ -34,6 +33,7 @@ from vlforge.train.recipes.base import (
     SMALL_REGION_TEXT,
     Recipe,
     RegionTextConfig,
+    itm_task_loss,
     mlm_head,
     require,
     transformer_encoder,
@@ -136,6 +136,5 @@ class ImageBert(Recipe):
                 require(batch, ["region_feats_target"], "mrfr")
                 out["mrfr"] = mrfr_loss(self.mrfr(h), batch["region_feats_target"][sel])
         if "itm" in tasks:
-            require(batch, ["itm_labels"], "itm")
-            out["itm"] = itm_loss(self.itm(self.pooler(hidden)), batch["itm_labels"])
+            out["itm"] = itm_task_loss(self.itm, self.pooler(hidden), batch)
         return out

@@ -35,14 +35,18 @@ from vlforge.train.blocks import (
 from vlforge.train.losses import (
     ITMHead,
     MLMHead,
-    itm_loss,
     itm_score,
-    masked_select,
-    mlm_loss,
     optimal_transport_distance,
     wra_loss,
 )
-from vlforge.train.recipes.base import SMALL_INIT_STD, Recipe, RecipeConfig, require
+from vlforge.train.recipes.base import (
+    SMALL_INIT_STD,
+    Recipe,
+    RecipeConfig,
+    itm_task_loss,
+    mlm_task_loss,
+    require,
+)
 from vlforge.train.recipes.registry import register_recipe
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1  # modal-type ids
@@ -179,12 +183,9 @@ class Vilt(Recipe):
         out: dict[str, torch.Tensor] = {}
         wanted = set(tasks)
         if "mlm" in wanted:
-            require(batch, ["mlm_labels"], "mlm")
-            h, labels = masked_select(hidden[:, :n_text], batch["mlm_labels"])
-            out["mlm"] = mlm_loss(self.mlm(h), labels)
+            out["mlm"] = mlm_task_loss(self.mlm, hidden[:, :n_text], batch)
         if "itm" in wanted:
-            require(batch, ["itm_labels"], "itm")
-            out["itm"] = itm_loss(self.itm(self.pooler(hidden)), batch["itm_labels"])
+            out["itm"] = itm_task_loss(self.itm, self.pooler(hidden), batch)
             if self.cfg.wpa_weight > 0:
                 dist = self.wpa_distance(hidden, mask, n_text)
                 out["wpa"] = wra_loss(dist, batch["itm_labels"])

@@ -15,12 +15,14 @@ from typing import Any, ClassVar
 import torch
 
 from vlforge.train.blocks import Pooler, SegmentEmbeddings, attention_mask
-from vlforge.train.losses import ITMHead, itm_loss, itm_score, masked_select, mlm_loss
+from vlforge.train.losses import ITMHead, itm_score
 from vlforge.train.recipes.base import (
     SMALL_REGION_TEXT,
     Recipe,
     RegionTextConfig,
+    itm_task_loss,
     mlm_head,
+    mlm_task_loss,
     require,
     transformer_encoder,
 )
@@ -90,10 +92,7 @@ class VisualBert(Recipe):
         hidden, n_text = self.encode(batch)
         out: dict[str, torch.Tensor] = {}
         if "mlm" in tasks:
-            require(batch, ["mlm_labels"], "mlm")
-            h, labels = masked_select(hidden[:, :n_text], batch["mlm_labels"])
-            out["mlm"] = mlm_loss(self.mlm(h), labels)
+            out["mlm"] = mlm_task_loss(self.mlm, hidden[:, :n_text], batch)
         if "itm" in tasks:
-            require(batch, ["itm_labels"], "itm")
-            out["itm"] = itm_loss(self.itm(self.pooler(hidden)), batch["itm_labels"])
+            out["itm"] = itm_task_loss(self.itm, self.pooler(hidden), batch)
         return out
