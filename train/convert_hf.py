@@ -186,12 +186,17 @@ def _rename(
     return None
 
 
-def convert_bert_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
-    """HF BERT names → uniter names; returns (converted, unused HF keys)."""
-    layer_re = re.compile(r"(?P<prefix>encoder)\.layer\.(?P<i>\d+)\.(?P<sub>.+)")
+BERT_LAYER_RE = re.compile(r"(?P<prefix>encoder)\.layer\.(?P<i>\d+)\.(?P<sub>.+)")
+
+
+def convert_bert_like(
+    state: dict[str, torch.Tensor], prefix: str, top: dict[str, str]
+) -> tuple[dict, list[str]]:
+    """HF BERT-family names (BERT's layers under `prefix`, `top` for the rest) → ours; returns
+    (converted, unused HF keys). The MLM decoder's weight is tied to the word embeddings."""
     out, unused = {}, []
     for key, value in state.items():
-        k = key.removeprefix("bert.")
+        k = key.removeprefix(prefix)
         # Old TF-converted checkpoints (bert-base-uncased) name LayerNorm parameters gamma/beta.
         k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
         k = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)
@@ -200,13 +205,18 @@ def convert_bert_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, list[
             continue
         if k == "cls.predictions.decoder.weight":
             continue  # tied to the word embeddings in both models
-        mine = _rename(k, BERT_TOP, BERT_LAYER, layer_re, {})
+        mine = _rename(k, top, BERT_LAYER, BERT_LAYER_RE, {})
         if mine is None:
             if not k.endswith("position_ids"):
                 unused.append(key)
             continue
         out[mine] = value
     return out, unused
+
+
+def convert_bert_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """HF BERT names → uniter names; returns (converted, unused HF keys)."""
+    return convert_bert_like(state, "bert.", BERT_TOP)
 
 
 def convert_clip_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:

@@ -9,17 +9,15 @@ variant (regions skip the transformer but for one extra layer) is not this recip
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
 from vlforge.train.convert_hf import (
     BERT_DEFAULTS,
-    BERT_LAYER,
     ConversionError,
     _count_layers,
-    _rename,
+    convert_bert_like,
 )
 
 VISUALBERT_TOP = {
@@ -35,29 +33,16 @@ VISUALBERT_TOP = {
     "cls.predictions.transform.LayerNorm": "mlm.norm",
     "cls.seq_relationship": "itm.fc",
 }
-_LAYER_RE = re.compile(r"(?P<prefix>encoder)\.layer\.(?P<i>\d+)\.(?P<sub>.+)")
 
 
 def convert_visualbert_state_dict(
     state: dict[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """HF VisualBERT names → visualbert recipe names; returns (converted, unused HF keys)."""
-    out, unused = {}, []
-    for key, value in state.items():
-        k = key.removeprefix("visual_bert.")
-        if k in ("cls.predictions.bias", "cls.predictions.decoder.bias"):
-            out["mlm.decoder.bias"] = value
-            continue
-        if k == "cls.predictions.decoder.weight":
-            continue  # tied to the word embeddings in both models
-        mine = _rename(k, VISUALBERT_TOP, BERT_LAYER, _LAYER_RE, {})
-        if mine is None:
-            if not k.endswith("position_ids"):
-                unused.append(key)
-            continue
-        if mine.startswith("itm.fc."):
-            value = value.flip(0)  # HF: logit 0 = matched; ours: logit 1
-        out[mine] = value
+    out, unused = convert_bert_like(state, "visual_bert.", VISUALBERT_TOP)
+    for name in ("itm.fc.weight", "itm.fc.bias"):
+        if name in out:
+            out[name] = out[name].flip(0)  # HF: logit 0 = matched; ours: logit 1
     return out, unused
 
 
