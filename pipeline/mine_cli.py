@@ -50,6 +50,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="vectors in the IVF lists: float16 (half the memory traffic) or float32",
     )
     p.add_argument("--no-gpu", action="store_true", help="keep faiss on the CPU")
+    p.add_argument(
+        "--drop-misaligned",
+        type=float,
+        default=d.drop_misaligned,
+        metavar="THRESHOLD",
+        help="leave out samples whose caption the detector's tags contradict: contradicted share "
+        "of the caption's checkable claims at/above THRESHOLD (e.g. 0.5). Default: keep every "
+        "sample; mine.json's `alignment` is written either way",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="DirectRunner processes")
     p.add_argument("--no-progress", action="store_true")
@@ -85,6 +94,7 @@ def config_from_args(args: argparse.Namespace):
             seed=1234 + args.seed,
         ),
         seed=args.seed,
+        drop_misaligned=args.drop_misaligned,
     )
 
 

@@ -27,6 +27,9 @@ class MineConfig:
     svd_columns: int = 32_768  # commonest hashed terms the SVD basis keeps
     neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
     seed: int = 0
+    # Leave out samples whose caption the tags contradict this much (alignment.py: contradicted
+    # share of checkable claims at/above it); None keeps every sample, only annotated.
+    drop_misaligned: float | None = None
 
 
 def check_config(config: MineConfig) -> None:
@@ -37,6 +40,8 @@ def check_config(config: MineConfig) -> None:
         raise UserError("--candidates and --dim must be at least 1")
     if not 0.0 < config.dup_threshold <= 1.0 or not 0.0 < config.image_threshold <= 1.0:
         raise UserError("thresholds must lie in (0, 1]")
+    if config.drop_misaligned is not None and not 0.0 < config.drop_misaligned <= 1.0:
+        raise UserError("--drop-misaligned must lie in (0, 1]")
     unknown = set(config.rewrite_kinds) - set(KINDS)
     if unknown:
         raise UserError(

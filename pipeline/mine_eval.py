@@ -8,6 +8,15 @@
   negatives (another sample's caption drawn at random).
 - ivf_recall10: recall@10 of the IVF index at the default nprobe against the exact index, on the
   corpus's own caption vectors (target ≥ 0.95).
+- misaligned_flag_precision / misaligned_flag_recall: mine.json's `alignment` (alignment.py)
+  flagging a sample (contradicted share ≥ the run's --drop-misaligned, else
+  DEFAULT_FLAG_THRESHOLD) against the world's truth (kind "mismatched": another image's
+  caption). Samples the run dropped count as flagged; their truth is read from the run's input
+  shards (the manifest's `in`). If those are gone, precision is None and recall is only bounded
+  (misaligned_flag_recall_max: as if every dropped sample was mismatched).
+
+Figures over samples (own_caption_true_rate, the negatives') are over the kept samples; mined
+negatives whose sample was dropped cannot be judged (no scene graph) and are counted apart.
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from vlforge.errors import UserError
 from vlforge.pipeline import storage
+from vlforge.pipeline.alignment import misaligned
 from vlforge.pipeline.mine_scan import index_shard, read_shard
 from vlforge.pipeline.mine_shards import list_shards
 from vlforge.pipeline.neighbours import NeighbourConfig, NeighbourIndex, exact_search, recall_at_k
@@ -260,6 +271,7 @@ def negative_figures(samples: Callable[[], Iterable[dict]], seed: int = 0) -> di
             continue
         for neg in mine.get("hard_negatives", []):
             if neg["key"] not in sg_of:
+                counts["mined_unjudged"] += 1  # e.g. its sample was dropped as misaligned
                 continue
             neg_sg = json.loads(sg_of[neg["key"]])
             counts["mined"] += 1
@@ -345,13 +357,108 @@ def ivf_recall10(
     }
 
 
+DEFAULT_FLAG_THRESHOLD = 0.5  # contradicted share that flags a sample when the run kept all
+MISMATCHED = "mismatched"
+
+
+class AlignmentTally:
+    """Flagged vs truly mismatched samples, one sample (or one dropped sample) at a time."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.counts: Counter = Counter()
+
+    def add(self, sample: dict) -> None:
+        truth = _truth(sample["meta"])
+        if not truth or not sample["mine"]:
+            return
+        flagged = misaligned(json.loads(sample["mine"]).get("alignment"), self.threshold)
+        self._count(flagged, truth.get("kind") == MISMATCHED)
+
+    def add_dropped(self, kinds: list[str | None]) -> None:
+        """Dropped samples (flagged by definition) by their world kind; None: no truth."""
+        for kind in kinds:
+            if kind is not None:
+                self._count(True, kind == MISMATCHED)
+
+    def _count(self, flagged: bool, mismatched: bool) -> None:
+        self.counts["judged"] += 1
+        self.counts["flagged"] += flagged
+        self.counts["mismatched"] += mismatched
+        self.counts["flagged_mismatched"] += flagged and mismatched
+
+    def figures(self, unknown_dropped: int = 0) -> dict:
+        """The figures; `unknown_dropped`: dropped samples whose truth could not be read."""
+        c = self.counts
+        out = {
+            "misaligned_threshold": self.threshold,
+            "misaligned_flagged": c["flagged"] + unknown_dropped,
+            "misaligned_true": c["mismatched"] if not unknown_dropped else None,
+            "misaligned_flag_precision": None,
+            "misaligned_flag_recall": None,
+        }
+        if not c["judged"] and not unknown_dropped:
+            return out  # no world truth: nothing to compare with
+        if unknown_dropped:
+            # Every dropped sample a true mismatch is the best case for recall.
+            best = c["mismatched"] + unknown_dropped
+            out["misaligned_flag_recall_max"] = round(
+                (c["flagged_mismatched"] + unknown_dropped) / best, 4
+            )
+            return out
+        if c["flagged"]:
+            out["misaligned_flag_precision"] = round(c["flagged_mismatched"] / c["flagged"], 4)
+        if c["mismatched"]:
+            out["misaligned_flag_recall"] = round(c["flagged_mismatched"] / c["mismatched"], 4)
+        return out
+
+
+def dropped_kinds(source: str, kept: set[str]) -> list[str | None] | None:
+    """The world kind of each input sample with a caption whose key is not in `kept`.
+
+    None when the input shards cannot be read (moved, deleted, another machine's paths).
+    """
+    try:
+        paths = list_shards(source)
+        kinds = []
+        for path in paths:
+            data = read_shard(path)
+            index = index_shard(path, data)
+            for i, key in enumerate(index.keys):
+                if key in kept or index.field(data, i, "txt") is None:
+                    continue
+                truth = _truth(index.field(data, i, "json"))
+                kinds.append(truth.get("kind") if truth else None)
+        return kinds
+    except (UserError, OSError, ValueError):
+        return None
+
+
 def mine_quality(mined_dir: str, seed: int = 0) -> dict:
     """Every figure for a directory of mined shards (the demo's entry point)."""
+    manifest_path = storage.join(mined_dir, "manifest.json")
+    manifest = storage.read_json(manifest_path) if storage.exists(manifest_path) else {}
+    run_threshold = manifest.get("config", {}).get("drop_misaligned")
+    dropped = int(manifest.get("dropped_misaligned") or 0)
     figures = negative_figures(lambda: _samples(mined_dir), seed)
-    captions = [s["caption"].strip().lower() for s in _samples(mined_dir)]
+    tally = AlignmentTally(run_threshold if run_threshold is not None else DEFAULT_FLAG_THRESHOLD)
+    captions, kept = [], set()
+    for sample in _samples(mined_dir):
+        captions.append(sample["caption"].strip().lower())
+        tally.add(sample)
+        if dropped:
+            kept.add(sample["key"])
+    unknown = 0
+    if dropped:
+        kinds = dropped_kinds(manifest.get("config", {}).get("in", ""), kept)
+        if kinds is not None and len(kinds) == dropped:
+            tally.add_dropped(kinds)
+        else:
+            unknown = dropped
+    figures.update(tally.figures(unknown))
+    figures["misaligned_dropped"] = dropped
     figures.update(ivf_recall10(captions))
     figures["samples"] = len(captions)
-    manifest = storage.join(mined_dir, "manifest.json")
-    if storage.exists(manifest):
-        figures["mine_seconds"] = storage.read_json(manifest).get("timings", {}).get("total_s")
+    if manifest:
+        figures["mine_seconds"] = manifest.get("timings", {}).get("total_s")
     return figures

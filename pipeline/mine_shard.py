@@ -8,6 +8,8 @@ Per sample, as before: hard negatives are the best-scoring candidates below dup_
 or above min_negative_score whose text never shows this image and which are certainly false of
 it; positives are other samples with the same text (round a seeded ring), then the members of
 near-duplicate texts (cosine ≥ dup_threshold); image positives likewise over tag texts.
+`alignment` is how well the caption fits its own image by the detector's tags (alignment.py);
+with config.drop_misaligned set, samples at/above it are left out of the written shard.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from vlforge.pipeline import progress
+from vlforge.pipeline.alignment import graph_alignment, misaligned
 from vlforge.pipeline.mine_config import MineConfig
 from vlforge.pipeline.mine_corpus import POSITIVE_MEMBERS, Corpus, SearchSpace
 from vlforge.pipeline.mine_filter import as_sg, certainly_false_pairs, compact_graph, sample_facts
@@ -114,10 +117,11 @@ def mine_shard(
     flat = flat[~shows_image]
     false = np.zeros(len(flat), bool)
     pair_samples, pair_rows = sample_of[flat], safe.ravel()[flat]
+    own_graphs = [compact_graph(sg) for sg in sgs]  # sample_facts and alignment read them
     if corpus.claims is not None:
         tagged = has_tags[pair_samples]
         facts = sample_facts(
-            [compact_graph(sg) for sg in sgs],
+            own_graphs,
             [(t or {}).get("tags", []) for t in tags],
             {name: i for i, name in enumerate(corpus.detectable)},
             corpus.relations,
@@ -154,6 +158,7 @@ def mine_shard(
 
     vocab = _vocabulary(corpus.vocabulary)
     detectable = _detectable_set(corpus.detectable)
+    names = detectable or set()
     keys, captions = corpus.keys, corpus.captions
     first, t_first = space.groups.first, t_space.groups.first
     # Each sample's chosen entries as Python lists, cut from arrays computed once per shard.
@@ -196,6 +201,7 @@ def mine_shard(
                     found.append({"key": keys[g], "score": round(score, 4)})
         out.append(
             {
+                "alignment": graph_alignment(own_graphs[j], tags[j], names),
                 "hard_negatives": negatives,
                 "positives": positives[: config.k_positives],
                 "image_positives": found[: config.k_image_positives],
@@ -246,6 +252,7 @@ class MineShards(beam.DoFn):
         self.out_dir = out_dir
         self.written = Metrics.counter("mine", "samples_out")
         self.negatives = Metrics.counter("mine", "negatives")
+        self.dropped = Metrics.counter("mine", "dropped_misaligned")
         self._indexes: _Indexes | None = None
 
     def setup(self):
@@ -258,16 +265,32 @@ class MineShards(beam.DoFn):
         with gc_paused():
             data = read_shard(scan.shard)
             mines = mine_shard(scan, data, corpus, self.config, self._indexes)
+            threshold = self.config.drop_misaligned
+            drop = {
+                int(i)
+                for i, m in zip(scan.rows.tolist(), mines, strict=True)
+                if threshold is not None and misaligned(m["alignment"], threshold)
+            }
             payloads = {
                 int(i): _ENCODER.encode(m).encode()
                 for i, m in zip(scan.rows.tolist(), mines, strict=True)
+                if int(i) not in drop
             }
-            write_mined_tar(target, data, scan.index, payloads, MINE_FIELD)
-            counts = write_stats(scan.shard, target, scan.index.keys, scan.rows, mines)
-            n_negatives = sum(len(m["hard_negatives"]) for m in mines)
+            write_mined_tar(target, data, scan.index, payloads, MINE_FIELD, drop)
+            counts = write_stats(scan.shard, target, scan.index.keys, scan.rows, mines, drop)
+            n_negatives = sum(
+                len(m["hard_negatives"])
+                for i, m in zip(scan.rows.tolist(), mines, strict=True)
+                if i not in drop
+            )
             # Dropped before the collector resumes, so that it does not walk them all once.
             del mines, payloads, data
         self.written.inc(len(counts))
         self.negatives.inc(n_negatives)
-        progress.advance(len(counts))
-        yield {"shard": target.rsplit("/", 1)[-1], "samples": len(counts)}
+        self.dropped.inc(len(drop))
+        progress.advance(len(counts) + len(drop))
+        yield {
+            "shard": target.rsplit("/", 1)[-1],
+            "samples": len(counts),
+            "dropped_misaligned": len(drop),
+        }

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
 from vlforge.errors import UserError
@@ -70,17 +71,29 @@ def output_path(shard: str, out_dir: str) -> str:
 
 
 def write_mined_tar(
-    target: str, data: bytes, index: SampleIndex, payloads: dict[int, bytes], field: str
+    target: str,
+    data: bytes,
+    index: SampleIndex,
+    payloads: dict[int, bytes],
+    field: str,
+    drop: Collection[int] = (),
 ) -> None:
     """The input tar's bytes, unchanged, with a `field` member after each sample in `payloads`.
 
     `payloads` maps a sample's position in `index` to its new member's bytes. A sample that
     already has `field` (a shard mined before) has the old member left out, not duplicated.
+    Samples whose positions are in `drop` are left out whole (every member of theirs).
     """
     view = memoryview(data)
     with storage.atomic_writer(target) as handle:
         cursor = written = 0
-        for i in sorted(payloads):
+        for i in sorted(set(payloads) | set(drop)):
+            if i in drop:
+                start = int(index.start[i])
+                handle.write(view[cursor:start])
+                written += start - cursor
+                cursor = int(index.end[i])
+                continue
             old = index.fields[i].get(field)
             if old is not None:
                 body, size, header = old
@@ -99,15 +112,26 @@ def write_mined_tar(
 
 
 def write_stats(
-    shard: str, target: str, keys: list[str], rows: np.ndarray, mines: list[dict]
+    shard: str,
+    target: str,
+    keys: list[str],
+    rows: np.ndarray,
+    mines: list[dict],
+    drop: Collection[int] = (),
 ) -> list[dict]:
-    """The sibling parquet, with the mining counts joined on as columns; returns the counts."""
+    """The sibling parquet, with the mining counts joined on as columns; returns the counts.
+
+    Samples at positions in `drop` (left out of the tar) lose their parquet rows too.
+    """
     mined = dict(zip(rows.tolist(), mines, strict=True))
-    counts = [_counts(key, mined.get(i)) for i, key in enumerate(keys)]
+    counts = [_counts(key, mined.get(i)) for i, key in enumerate(keys) if i not in drop]
     source = shard[: -len(".tar")] + ".parquet"
     dest = target[: -len(".tar")] + ".parquet"
     if storage.exists(source):
         table = storage.read_parquet(source)
+        if drop and "key" in table.column_names:
+            gone = pa.array(sorted({keys[i] for i in drop}), table.schema.field("key").type)
+            table = table.filter(pc.invert(pc.is_in(table.column("key"), value_set=gone)))
         if "key" in table.column_names and table.num_rows:
             by_key = {c["key"]: c for c in counts}
             for name in ("n_hard_negatives", "n_positives", "n_image_positives", "n_rewrites"):

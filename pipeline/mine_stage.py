@@ -22,6 +22,11 @@ is evidence that it is there (the detector misses objects; "two hexagons" in the
 means the image may well have two). Captions that might be true are left out (neither negative
 nor positive); without tags only captions whose scene graph says nothing beyond the sample's
 own are left out. mine_filter.certainly_false_pairs applies the same rules to arrays.
+
+Each mine.json also says how well the sample's own caption fits its image (`alignment`, see
+alignment.py); with MineConfig.drop_misaligned set, samples whose caption the tags contradict
+that much are left out of the written shards (counted as `dropped_misaligned`). Other samples'
+mine.json may still name a dropped sample's key (as a negative or positive caption).
 """
 
 from __future__ import annotations
@@ -336,6 +341,7 @@ def _manifest(source, out, config, shards, written, result, workers) -> dict:
         "shards_in": len(shards),
         "shards": written,
         "samples": sum(w["samples"] for w in written),
+        "dropped_misaligned": sum(w.get("dropped_misaligned", 0) for w in written),
         "beam_counters": dict(sorted(counters.items())),
     }
 
@@ -343,9 +349,15 @@ def _manifest(source, out, config, shards, written, result, workers) -> dict:
 def format_summary(manifest: dict) -> str:
     figures = manifest.get("figures", {})
     n = max(1, figures.get("samples", 0))
+    threshold = manifest["config"].get("drop_misaligned")
+    dropped = (
+        ""
+        if threshold is None
+        else f", {manifest.get('dropped_misaligned', 0)} dropped as misaligned (>= {threshold:g})"
+    )
     lines = [
         f"vlforge mine: {manifest['samples']} samples in {len(manifest['shards'])} shard(s) -> "
-        f"{manifest['config']['out']} ({manifest['timings']['total_s']:.1f} s)",
+        f"{manifest['config']['out']} ({manifest['timings']['total_s']:.1f} s){dropped}",
         f"  {'per sample':<22}{'mean':>8}{'with any':>10}",
     ]
     for name, label in (

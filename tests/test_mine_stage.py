@@ -14,10 +14,11 @@ import pytest
 import webdataset as wds
 
 from vlforge.errors import UserError
+from vlforge.pipeline.alignment import alignment, misaligned
 from vlforge.pipeline.mine_cli import add_parser
 from vlforge.pipeline.mine_eval import mine_quality, true_of
 from vlforge.pipeline.mine_shards import read_samples
-from vlforge.pipeline.mine_stage import MineConfig, certainly_false, run_mine
+from vlforge.pipeline.mine_stage import MineConfig, certainly_false, format_summary, run_mine
 
 SHAPES = ["circle", "square", "triangle", "star", "heart"]
 COLOURS = ["red", "blue", "green", "yellow", "orange"]
@@ -65,9 +66,9 @@ def write_shards(directory, rows, parser, shard_size=40) -> list[dict]:
                     "__key__": row["key"],
                     "jpg": b"\xff\xd8" + row["key"].encode(),
                     "txt": row["caption"].encode(),
-                    "json": json.dumps({"key": row["key"], "world": json.dumps({"scene_graph": row["truth"]})}).encode(),
+                    "json": json.dumps({"key": row["key"], "world": json.dumps({"scene_graph": row["truth"], "kind": row.get("kind", "clean")})}).encode(),
                     "sg.json": json.dumps(sg).encode(),
-                    "tags.json": json.dumps({"tags": [{"name": s, "score": 0.9, "attributes": []} for s in row["shapes"]]}).encode(),
+                    "tags.json": json.dumps({"tags": [{"name": s, "score": 0.9, "attributes": []} for s in row.get("tagged", row["shapes"])]}).encode(),
                     "boxes.npy": np.arange(8, dtype=np.float32).tobytes(),
                 }  # fmt: skip
                 writer.write(sample)
@@ -200,3 +201,124 @@ def test_undetectable_objects_prove_nothing():
     tags = {"tags": [{"name": "circle"}]}
     assert certainly_false(candidate, None, tags)  # no detector vocabulary: taken as absent
     assert not certainly_false(candidate, None, tags, detectable={"circle", "square"})
+
+
+# ---- misaligned pairs: annotated always, dropped with drop_misaligned ------------------------
+
+
+def mismatched_rows(n: int = 60) -> list[dict]:
+    """world_rows where every 10th image is another one: its tags name none of the caption's shapes."""
+    rows = world_rows(n, seed=1)
+    for row in rows[:n:10]:
+        row["kind"] = "mismatched"
+        row["tagged"] = [s for s in SHAPES if s not in row["shapes"]][:2]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def misaligned_in(tmp_path_factory, parser):
+    src = tmp_path_factory.mktemp("misaligned-in")
+    samples = write_shards(src, mismatched_rows(), parser, shard_size=25)
+    detectable = {t["name"] for s in samples for t in json.loads(s["tags.json"])["tags"]}
+    flagged = {
+        s["__key__"]
+        for s in samples
+        if misaligned(
+            alignment(json.loads(s["sg.json"]), json.loads(s["tags.json"]), detectable), 0.5
+        )
+    }
+    return src, samples, flagged
+
+
+def test_every_sample_is_annotated_and_kept_without_the_flag(mined):
+    _, out, samples, manifest = mined
+    mines = [json.loads(s["mine.json"]) for s in _all(out).values()]
+    assert len(mines) == len(samples) and manifest["dropped_misaligned"] == 0
+    assert all(set(m["alignment"]) == {"claims", "contradicted", "score"} for m in mines)
+    assert all(m["alignment"]["score"] == 1.0 for m in mines)  # tags name the caption's shapes
+    assert "misaligned" not in format_summary(manifest)
+
+
+def test_drop_misaligned_leaves_out_exactly_the_flagged_samples(misaligned_in, tmp_path):
+    src, samples, flagged = misaligned_in
+    kinds = {s["__key__"]: json.loads(json.loads(s["json"])["world"])["kind"] for s in samples}
+    mismatched = {k for k, kind in kinds.items() if kind == "mismatched"}
+    assert flagged == mismatched and len(flagged) == 6
+    kept_out, dropped_out = tmp_path / "kept", tmp_path / "dropped"
+
+    kept = run_mine(str(src), str(kept_out), MineConfig(), show_progress=False)
+    assert set(_all(kept_out)) == {s["__key__"] for s in samples}
+    assert kept["dropped_misaligned"] == 0 and kept["samples"] == len(samples)
+    figures = mine_quality(str(kept_out))
+    assert figures["misaligned_flag_precision"] == figures["misaligned_flag_recall"] == 1.0
+    assert figures["misaligned_flagged"] == 6 and figures["misaligned_dropped"] == 0
+
+    manifest = run_mine(
+        str(src), str(dropped_out), MineConfig(drop_misaligned=0.5), show_progress=False
+    )
+    after = _all(dropped_out)
+    assert set(after) == {s["__key__"] for s in samples} - flagged
+    assert manifest["dropped_misaligned"] == 6 and manifest["samples"] == len(samples) - 6
+    assert manifest["beam_counters"]["mine/dropped_misaligned"] == 6
+    assert sum(w["dropped_misaligned"] for w in manifest["shards"]) == 6
+    assert "6 dropped as misaligned (>= 0.5)" in format_summary(manifest)
+    parquet_keys = {
+        k for p in dropped_out.glob("*.parquet") for k in pq.read_table(p).column("key").to_pylist()
+    }
+    assert parquet_keys == set(after)
+    everything = _all(kept_out)  # the kept samples are as without the flag, mine.json too
+    assert all(sample == everything[key] for key, sample in after.items())
+    figures = mine_quality(str(dropped_out))  # truth of the dropped read from the input shards
+    assert figures["misaligned_flag_precision"] == figures["misaligned_flag_recall"] == 1.0
+    assert figures["misaligned_dropped"] == 6 and figures["samples"] == len(samples) - 6
+    assert figures["own_caption_true_rate"] == 1.0
+
+
+def test_dropped_truth_unavailable_gives_bounds(misaligned_in, tmp_path):
+    import shutil
+
+    src, samples, _ = misaligned_in
+    copy = tmp_path / "in"
+    shutil.copytree(src, copy)
+    run_mine(str(copy), str(tmp_path / "out"), MineConfig(drop_misaligned=0.5), show_progress=False)
+    shutil.rmtree(copy)
+    figures = mine_quality(str(tmp_path / "out"))
+    assert figures["misaligned_flag_precision"] is None
+    assert figures["misaligned_flag_recall"] is None
+    assert figures["misaligned_flag_recall_max"] == 1.0 and figures["misaligned_flagged"] == 6
+
+
+def test_drop_misaligned_flag_and_its_check():
+    from vlforge.pipeline.mine_cli import config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["mine", "--in", "x", "--out", "y", "--drop-misaligned", "0.5"])
+    assert config_from_args(args).drop_misaligned == 0.5
+    args = parser.parse_args(["mine", "--in", "x", "--out", "y"])
+    assert config_from_args(args).drop_misaligned is None
+    with pytest.raises(UserError, match="drop-misaligned"):
+        run_mine("x", "y", MineConfig(drop_misaligned=0.0), show_progress=False)
+
+
+def test_writer_drops_first_and_last_samples_whole(tmp_path):
+    from vlforge.pipeline.mine_scan import read_shard
+    from vlforge.pipeline.mine_shards import write_mined_tar
+    from vlforge.pipeline.mine_tar import index_samples
+
+    src = tmp_path / "in.tar"
+    with open(src, "wb") as handle:
+        writer = wds.TarWriter(handle, encoder=False)
+        for i in range(4):
+            writer.write({"__key__": f"k{i}", "txt": b"x" * (600 * i), "json": b"{}"})
+        writer.close()
+    data = read_shard(str(src))
+    index = index_samples(data)
+    payloads = {1: b'{"a": 1}', 2: b'{"a": 2}'}
+    write_mined_tar(str(tmp_path / "out.tar"), data, index, payloads, "mine.json", drop={0, 3})
+    after = list(read_samples(str(tmp_path / "out.tar")))
+    assert [s["__key__"] for s in after] == ["k1", "k2"]
+    assert [s["mine.json"] for s in after] == [b'{"a": 1}', b'{"a": 2}']
+    assert after[1]["txt"] == b"x" * 1200
+    with tarfile.open(tmp_path / "out.tar") as tar:
+        assert len(tar.getmembers()) == 6
