@@ -58,7 +58,8 @@ class KeyOracle(nn.Module):
         if self.constant:
             return out + 1
         for row, key in enumerate(batch["keys"]):
-            out[row, self.index[key]] = 1
+            if key in self.index:  # an unknown key embeds to zeros: tied with every other
+                out[row, self.index[key]] = 1
         return out
 
     encode_text = encode_image = _embed
@@ -122,6 +123,19 @@ def test_dual_encoder_retrieval(world):
     assert good["retrieval_i2t_r1"] == 1.0 and good["retrieval_t2i_r10"] == 1.0
     flat = evaluate(KeyOracle(keys, constant=True), tok, spec, shards, n_candidates=50)
     assert flat["retrieval_i2t_r1"] == 0.0 and flat["retrieval_t2i_r1"] == 0.0
+
+
+def test_retrieval_folds_average_disjoint_pools(world):
+    shards, spec, samples, tok = world
+    # Perfect on the first 20 samples only: fold 1 scores 1.0, fold 2 (all tied) 0.0.
+    model = KeyOracle([s["__key__"] for s in samples[:20]])
+    out = evaluate(model, tok, spec, shards, n_candidates=20, n_folds=2)
+    assert out["retrieval_n"] == 20 and out["retrieval_folds"] == 2
+    assert out["retrieval_i2t_r1_folds"] == [1.0, 0.0] and out["retrieval_i2t_r1"] == 0.5
+    assert out["retrieval_t2i_r1_folds"] == [1.0, 0.0] and out["retrieval_t2i_r1"] == 0.5
+    # Only full pools count: 60 samples hold three pools of 20, not a fourth partial one.
+    out = evaluate(model, tok, spec, shards, n_candidates=20, n_folds=5)
+    assert out["retrieval_folds"] == 3 and out["retrieval_i2t_r1_folds"] == [1.0, 0.0, 0.0]
 
 
 def test_single_stream_retrieval_and_itm(world):

@@ -87,6 +87,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--overlap-iou", type=float, default=0.3)
     m.add_argument("--itm-neg-ratio", type=float, default=0.5)
     m.add_argument("--hard-neg-ratio", type=float, default=0.0, help="of negatives, from mine.json")
+    m.add_argument(
+        "--itr-negatives", type=int, default=3, help="other captions per image in a ranking group"
+    )
     r = p.add_argument_group("run")
     r.add_argument("--log-every", type=int, default=10)
     r.add_argument("--save-every", type=int, default=0, help="steps (0: at the end)")
@@ -112,6 +115,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--ckpt", required=True, help="run directory (its latest) or a checkpoint")
     e.add_argument("--shards", required=True, help="held-out shards")
     e.add_argument("--candidates", type=int, default=100, help="N for retrieval R@k")
+    e.add_argument(
+        "--folds", type=int, default=1, help="disjoint pools of N for retrieval, recalls averaged"
+    )
     e.add_argument("--samples", type=int, default=500, help="for ITM and MLM accuracy")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--zeroshot", type=_labels, action="append", default=[], metavar="NAME=a,b,…",
@@ -156,7 +162,10 @@ def _train_config(args: argparse.Namespace):
         overlap_iou=args.overlap_iou,
         itm_neg_ratio=args.itm_neg_ratio,
         hard_neg_ratio=args.hard_neg_ratio,
+        itr_negatives=args.itr_negatives,
     )
+    if args.itr_negatives < 1:
+        raise UserError("--itr-negatives must be at least 1")
     for name in ("mlm_prob", "region_prob", "itm_neg_ratio", "hard_neg_ratio", "overlap_iou"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1")
@@ -221,6 +230,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from vlforge.train.evaluate import evaluate
     from vlforge.train.trainer import load_for_eval
 
+    if args.candidates < 2 or args.folds < 1:
+        raise UserError("--candidates must be at least 2 and --folds at least 1")
     model, tok, spec = load_for_eval(args.ckpt, args.device)
     metrics = evaluate(
         model,
