@@ -253,7 +253,9 @@ def test_thirty_steps_loss_falls(name):
     assert last < 0.7 * first, (first, last)
 
 
-def _itr_batch(hard_neg_ratio: float, seed: int = 0) -> tuple[dict, list[dict]]:
+def _itr_batch(
+    hard_neg_ratio: float, seed: int = 0, itr_negatives: int = 3
+) -> tuple[dict, list[dict]]:
     """A real "itr" batch from the Assembler over make_shards samples (mine.json included)."""
     from vlforge.train.collate import Assembler
     from vlforge.train.data import expand_shards, iter_shard
@@ -269,20 +271,19 @@ def _itr_batch(hard_neg_ratio: float, seed: int = 0) -> tuple[dict, list[dict]]:
     model = build_recipe("uniter", "small", tok.vocab_size, region_dim=16, num_region_classes=5,
                          tasks={"itr": 1.0})  # fmt: skip
     cfg = TrainConfig(recipe="uniter", shards=url, out=str(root / "run"),
-                      masking=MaskingConfig(hard_neg_ratio=hard_neg_ratio))  # fmt: skip
+                      masking=MaskingConfig(hard_neg_ratio=hard_neg_ratio,
+                                            itr_negatives=itr_negatives))  # fmt: skip
     batch = Assembler(batch_spec(model, cfg), tok)(samples, np.random.default_rng(seed))
     return batch | {"model": model, "tok": tok}, samples
 
 
 def test_uniter_itr_groups_each_image_with_other_captions():
-    from vlforge.train.recipes.uniter import ITR_NEGATIVES
-
-    batch, samples = _itr_batch(hard_neg_ratio=0.0)
+    batch, samples = _itr_batch(hard_neg_ratio=0.0, itr_negatives=5)
     tok = batch["tok"]
-    assert batch["task"] == "itr" and batch["itr_input_ids"].shape[:2] == (8, ITR_NEGATIVES)
+    assert batch["task"] == "itr" and batch["itr_input_ids"].shape[:2] == (8, 5)
     captions = {" ".join(s["txt"].lower().split()) for s in samples}
     for i, s in enumerate(samples):
-        for k in range(ITR_NEGATIVES):
+        for k in range(5):
             ids = batch["itr_input_ids"][i, k][batch["itr_attention_mask"][i, k] == 1]
             text = tok.decode(ids.tolist())
             assert text != " ".join(s["txt"].lower().split()) and text in captions

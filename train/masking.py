@@ -32,6 +32,7 @@ class MaskingConfig:
     overlap_iou: float = 0.3
     itm_neg_ratio: float = 0.5  # fraction of ITM pairs that are negatives
     hard_neg_ratio: float = 0.0  # of negatives, taken from mine.json when the sample has them
+    itr_negatives: int = 3  # other captions ranked against each image in a ranking ("itr") group
     itm_image_swap: float = 0.5  # of random negatives, the image is replaced instead of the text
     masked_only_matched: bool = True  # masked losses only on matched pairs (UNITER, ImageBERT)
 
