@@ -1,5 +1,6 @@
-"""Text tokenizer: a WordPiece trained on the corpus captions with HF `tokenizers`, or any
-`tokenizer.json` by path. The wrapper knows the special ids MLM and batch assembly need."""
+"""Text tokenizer: a WordPiece trained on the corpus captions (vocabulary learned by our
+deterministic `wordpiece_trainer`, encoding by HF `tokenizers`), or any `tokenizer.json` by path.
+The wrapper knows the special ids MLM and batch assembly need."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from tokenizers import (  # noqa: E402
     normalizers,
     pre_tokenizers,
     processors,
-    trainers,
 )
 
 from vlforge.errors import UserError  # noqa: E402
+from vlforge.train.wordpiece_trainer import train_vocab  # noqa: E402
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -113,18 +114,31 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
 def train_wordpiece(
     texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 1, lowercase: bool = True
 ) -> TextTokenizer:
-    """A BERT-style WordPiece (lowercased, [CLS] A [SEP] B [SEP]) trained on `texts`."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
+    """A BERT-style WordPiece (lowercased, [CLS] A [SEP] B [SEP]) trained on `texts`.
+
+    The vocabulary is learned by our own `wordpiece_trainer`, not HF's WordPieceTrainer: that one
+    gives a different vocabulary on every run from the same texts (huggingface/tokenizers#1794,
+    cause in #2066: ties between merges are broken by hash-ordered ids), so same-seed training
+    runs were not reproducible. Ours is HF's algorithm with ties broken by the pair's strings:
+    the same texts, in any order, give the same vocabulary. Encoding is still HF `tokenizers`.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    vocab = train_vocab(
+        texts,
+        normalizer,
+        pre_tokenizer,
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         special_tokens=SPECIAL_TOKENS,
-        show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece()
+    # As the HF trainer did: the special tokens are also added tokens (matched before
+    # normalization, flagged in the special-tokens mask, skipped by decode).
+    tok.add_special_tokens(SPECIAL_TOKENS)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
