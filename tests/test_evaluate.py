@@ -164,12 +164,13 @@ def test_eval_cli_on_a_trained_run(cli, world, tmp_path):
     code, _, err = cli(*train_args(shards, out, "--steps", "2", "--workers", "0"))
     assert code == 0, err
     code, stdout, err = cli(
-        "eval", "--ckpt", str(out), "--shards", shards, "--candidates", "12",
+        "eval", "--ckpt", str(out), "--shards", shards, "--candidates", "12", "--folds", "2",
         "--out", str(tmp_path / "m.json"),
     )  # fmt: skip
     assert code == 0, err
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["retrieval_n"] == 12
+    assert metrics["retrieval_n"] == 12 and metrics["retrieval_folds"] == 2
+    assert len(metrics["retrieval_i2t_r1_folds"]) == 2
     for key in ("retrieval_i2t_r1", "retrieval_t2i_r5", "itm_accuracy", "mlm_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0
     assert json.loads(stdout) == metrics

@@ -240,6 +240,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.shards,
         n_candidates=args.candidates,
         n_samples=args.samples,
+        n_folds=args.folds,
         zeroshot=dict(args.zeroshot),
         batch_size=args.batch_size,
         progress=lambda what: sys.stderr.write(f"eval: {what}\n"),
