@@ -94,8 +94,20 @@ def featurized(shards, tmp_path_factory) -> tuple[str, dict]:
 
     src, weights = shards
     out = str(tmp_path_factory.mktemp("out"))
-    manifest = featurize_shards(src, out, weights, batch_size=4)
-    return out, manifest
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        manifest = featurize_shards(src, out, weights, batch_size=4, threads=1)
+        threads_after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    return out, manifest | {"threads_after": threads_after}
+
+
+def test_worker_threads_do_not_outlive_the_stage(featurized):
+    """One in-process worker sets torch's threads to --threads; whatever runs next in this
+    process (the demo's training) must get its own count back."""
+    assert featurized[1]["threads_after"] == 2
 
 
 def test_manifest_counts(featurized):
