@@ -259,7 +259,11 @@ def load_page(
         raise UserError("chromium is not installed (Debian: apt-get install chromium)")
     url = Path(html).resolve().as_uri()
     load = PageLoad()
-    with tempfile.TemporaryDirectory(prefix="vlforge-chromium-") as profile_dir:
+    # Chromium's helper processes (crashpad, the zygote's children) can still be writing to the
+    # profile for a moment after the browser exits: a leftover file must not fail the check.
+    with tempfile.TemporaryDirectory(
+        prefix="vlforge-chromium-", ignore_cleanup_errors=True
+    ) as profile_dir:
         profile = Path(profile_dir)
         command = [
             binary,
