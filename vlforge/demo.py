@@ -293,9 +293,11 @@ def _train(out: Path, args: argparse.Namespace) -> dict:
     # them) until they hold EVAL_FOLDS pools of EVAL_SHARD_SAMPLES.
     wanted = EVAL_FOLDS * EVAL_SHARD_SAMPLES
     held_out: list[Path] = []
-    while len(shards) > 1 and sum(_count(s) for s in held_out) < wanted:
+    held = 0
+    while len(shards) > 1 and held < wanted:
         held_out.insert(0, shards.pop())
-    if sum(_count(s) for s in held_out) < wanted:
+        held += _count(held_out[0])
+    if held < wanted:
         raise UserError("the demo corpus is too small to hold out the eval pools; raise --n")
     train_shards = shards
     train_pattern = "::".join(str(s) for s in train_shards)

@@ -72,7 +72,7 @@ def ranking_negatives(batch: dict[str, Any], ctx: Any) -> None:
     if "itr" not in tasks or ctx.tokenizer is None:
         return
     rng, captions = ctx.rng, ctx.captions
-    rows = []
+    picked: list[list[str]] = []
     for i, own in enumerate(captions):
         hard = [
             h["caption"]
@@ -84,7 +84,12 @@ def ranking_negatives(batch: dict[str, Any], ctx: Any) -> None:
         for _ in range(ctx.spec.masking.itr_negatives):
             pool = hard if hard and rng.random() < ctx.spec.masking.hard_neg_ratio else others
             picks.append(pool[int(rng.integers(len(pool)))])
-        rows.append([ctx.tokenizer.encode(c, ctx.spec.max_text_len) for c in picks])
+        picked.append(picks)
+    # Negatives repeat within a batch (B x K picks from B captions): tokenize each caption once.
+    encoded = {
+        c: ctx.tokenizer.encode(c, ctx.spec.max_text_len) for c in {c for p in picked for c in p}
+    }
+    rows = [[encoded[c] for c in picks] for picks in picked]
     longest = max(len(e.ids) for row in rows for e in row)
     shape = (len(rows), len(rows[0]), longest)
     ids, keys, types = (
