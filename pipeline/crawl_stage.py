@@ -98,6 +98,9 @@ class CrawlChunk(beam.DoFn):
         self.processor = ImageProcessor(self.settings.resize)
         self.caption_filter = CaptionFilter(self.settings.filters)
 
+    def teardown(self) -> None:
+        self.fetcher.close()
+
     def process(self, chunk: int):
         path = self.plan.fetched_path(chunk)
         if not storage.exists(path):
@@ -140,6 +143,13 @@ class CrawlChunk(beam.DoFn):
         out = _empty_row(row)
         try:
             self._fill(row, out)
+        except Exception as err:  # one row's trouble is that row's status, never the chunk's
+            out.update(
+                status="failed",
+                reason="crawl_error",
+                detail=f"{type(err).__name__}: {err}"[:300],
+                jpg=None,
+            )
         finally:
             progress.advance(1)
         return out

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-import urllib.robotparser
 from collections.abc import Callable, Iterable
+
+from protego import Protego
 
 # img2dataset's default set: sites use these to opt images out of AI training and indexing.
 DISALLOWED_X_ROBOTS_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
@@ -33,13 +34,16 @@ def x_robots_disallows(
 class RobotsCache:
     """robots.txt per origin, fetched once per worker with the crawler's own guarded fetch.
 
-    RFC 9309: a 4xx robots.txt means no rules (allow), a 5xx or unreachable one means disallow all.
+    RFC 9309: the longest matching rule wins (Allow on a tie), `*` and `$` are wildcards, a 4xx
+    robots.txt means no rules (allow), a 5xx or unreachable one means disallow all; 429 is read
+    as unreachable, since the site is asking us to stay away. Matching is Protego's (Scrapy's
+    RFC 9309 parser): `urllib.robotparser` takes the first match and knows no wildcards.
     """
 
     def __init__(self, fetch_text: Callable[[str], tuple[int, str]], user_agent_token: str):
         self._fetch_text = fetch_text
         self._token = user_agent_token
-        self._parsers: dict[str, urllib.robotparser.RobotFileParser | bool] = {}
+        self._parsers: dict[str, Protego | bool] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -52,17 +56,17 @@ class RobotsCache:
         parser = self._parsers[origin]
         if isinstance(parser, bool):
             return parser
-        return parser.can_fetch(self._token, url)
+        return parser.can_fetch(url, self._token)
 
-    def _load(self, origin: str) -> urllib.robotparser.RobotFileParser | bool:
+    def _load(self, origin: str) -> Protego | bool:
         try:
             status, text = self._fetch_text(origin + "/robots.txt")
         except Exception:  # unreachable robots.txt: RFC 9309 says assume complete disallow
             return False
+        if status == 429:
+            return False
         if 400 <= status < 500:
             return True
-        if status >= 500 or status == 0:
+        if status >= 500 or status < 200 or status >= 300:
             return False
-        parser = urllib.robotparser.RobotFileParser()
-        parser.parse(text.splitlines())
-        return parser
+        return Protego.parse(text)
