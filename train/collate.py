@@ -326,6 +326,12 @@ class Assembler:
         spec, cfg = self.spec, self.spec.masking
         loss_rows = rows if loss_rows is None else loss_rows
         feats, targets, boxes, geoms, probs, masks = [], [], [], [], [], []
+        # Where a recipe replaces masked regions by random ones (LXMERT), they come from the batch.
+        pool = (
+            np.concatenate([s["feats.npy"][: spec.max_regions] for s in samples]).astype(np.float32)
+            if cfg.region_random_frac > 0
+            else None
+        )
         for sample, masked in zip(samples, rows, strict=True):
             k = spec.max_regions
             f = sample["feats.npy"][:k].astype(np.float32)
@@ -339,7 +345,7 @@ class Assembler:
                 if masked
                 else np.zeros(len(nb), dtype=bool)
             )
-            feats.append(mask_regions(f, sel, rng, cfg) if sel.any() else f)
+            feats.append(mask_regions(f, sel, rng, cfg, pool) if sel.any() else f)
             targets.append(f)
             boxes.append(nb)
             geoms.append(region_geometry(nb, spec.geometry) if spec.geometry else nb[:, :0])

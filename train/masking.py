@@ -3,7 +3,10 @@
 - MLM (BERT): select 15% of the non-special tokens; of those 80% → [MASK], 10% → a random token,
   10% kept. Selection per token, per whole word (all pieces of a word together, as ViLT/BERT-wwm),
   or by spans (SpanBERT/InterBERT: geometric lengths over whole words, same 15% budget).
-- Regions: select 15%; of those 90% get zeroed features, 10% keep them (UNITER/ImageBERT).
+- Regions: select 15%; of those 90% get zeroed features, 10% keep them (ViLBERT/ImageBERT).
+  Recipes declare their paper's split in `masking_defaults`: UNITER zeroes all of them (a kept
+  region would let feature regression copy its input), LXMERT zeroes 80%, replaces 10% by a
+  random region feature of the batch (its `random_feat`) and keeps 10%.
   Overlap-aware (UNIMO/InterBERT): a region whose IoU with a selected one is ≥ 0.3 is masked too,
   so the model cannot copy the answer from a near-duplicate box.
 - Conditional masking (UNITER): one modality per sample, the other left whole.
@@ -28,7 +31,8 @@ class MaskingConfig:
     span_p: float = 0.2  # geometric parameter of span lengths (SpanBERT)
     span_max: int = 10
     region_prob: float = 0.15
-    region_zero_frac: float = 0.9  # of selected regions → zeroed features (the rest kept)
+    region_zero_frac: float = 0.9  # of selected regions → zeroed features
+    region_random_frac: float = 0.0  # of selected regions → another region's features (LXMERT)
     overlap_iou: float = 0.3
     itm_neg_ratio: float = 0.5  # fraction of ITM pairs that are negatives
     hard_neg_ratio: float = 0.0  # of negatives, taken from mine.json when the sample has them
@@ -126,12 +130,24 @@ def select_regions(
 
 
 def mask_regions(
-    feats: np.ndarray, selected: np.ndarray, rng: np.random.Generator, cfg: MaskingConfig
+    feats: np.ndarray,
+    selected: np.ndarray,
+    rng: np.random.Generator,
+    cfg: MaskingConfig,
+    pool: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Features with 90% of the selected regions zeroed (the other 10% kept as they were)."""
-    zero = selected & (rng.random(len(selected)) < cfg.region_zero_frac)
+    """Features with `region_zero_frac` of the selected regions zeroed, `region_random_frac`
+    replaced by a row drawn from `pool` (the batch's region features; default `feats`), the rest
+    kept as they were. No draw is made for replacements when their share is 0, so recipes
+    without them see the same random stream as before they existed."""
+    u = rng.random(len(selected))
+    zero = selected & (u < cfg.region_zero_frac)
     out = feats.copy()
     out[zero] = 0
+    if cfg.region_random_frac > 0:
+        swap = selected & ~zero & (u < cfg.region_zero_frac + cfg.region_random_frac)
+        pool = feats if pool is None or len(pool) == 0 else pool
+        out[swap] = pool[rng.integers(len(pool), size=int(swap.sum()))]
     return out
 
 

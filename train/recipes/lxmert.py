@@ -193,6 +193,12 @@ class Lxmert(Recipe):
         "base": LxmertConfig(),
     }
     batch_hook = staticmethod(lxmert_batch)
+    # LXMERT's `random_feat`: of the masked regions 80% zeroed, 10% replaced by a random region
+    # feature (here from the batch; the reference draws from the whole dataset), 10% kept.
+    masking_defaults: ClassVar[dict[str, Any]] = {
+        "region_zero_frac": 0.8,
+        "region_random_frac": 0.1,
+    }
 
     def __init__(self, cfg: LxmertConfig):
         super().__init__(cfg)

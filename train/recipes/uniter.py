@@ -128,6 +128,9 @@ class Uniter(Recipe):
         "base": UniterConfig(),
     }
     conditional_masking = True
+    # UNITER's `_mask_img_feat` zeroes every masked region (no 10% kept: feature regression
+    # could copy a kept region's input to its output).
+    masking_defaults: ClassVar[dict[str, Any]] = {"region_zero_frac": 1.0}
     extra_fields = ("mine.json",)
     batch_hook = staticmethod(ranking_negatives)
 
