@@ -7,11 +7,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from test_train_data import _samples
+from torch import nn
 
 from vlforge.train import trainer
+from vlforge.train.blocks import MLP
 from vlforge.train.collate import Assembler
+from vlforge.train.parallel import ParallelConfig
+from vlforge.train.parallel.moe import (
+    MoE,
+    SwitchRouter,
+    apply_moe,
+    build_router,
+    moe_layers,
+    take_moe_outputs,
+)
 from vlforge.train.recipes import build_recipe
+from vlforge.train.recipes.base import init_weights
+from vlforge.train.schedule import build_scheduler
 from vlforge.train.tokenizer import train_wordpiece
 
 
@@ -77,3 +91,86 @@ def test_vilbert_and_imagebert_keep_their_90_10(name, tmp_path):
     total = sum(c[k] for k in ("zeroed", "replaced", "kept"))
     assert c["replaced"] == 0
     assert abs(c["zeroed"] / total - 0.9) < 0.03
+
+
+# -- MoE -----------------------------------------------------------------------------------------
+
+
+def test_moe_experts_start_independent_not_copies_of_the_dense_mlp():
+    torch.manual_seed(0)
+    template = MLP(8, 32)
+    init_weights(template, 0.2)
+    moe = MoE(template, SwitchRouter(8, 4, None), 4)
+    weights = [e.fc1.weight for e in moe.experts.values()]
+    for i, w in enumerate(weights):
+        assert not torch.equal(w, template.fc1.weight)
+        for other in weights[i + 1 :]:
+            assert not torch.equal(w, other)
+        # At the dense layer's scale (the recipe's init std), biases and norms as the template's.
+        assert float(w.std()) == pytest.approx(float(template.fc1.weight.std()), rel=0.15)
+    for e in moe.experts.values():
+        torch.testing.assert_close(e.fc1.bias, template.fc1.bias)
+
+
+def test_switch_z_loss_is_off_unless_asked():
+    x = torch.randn(10, 6, generator=torch.Generator().manual_seed(1))
+    assert set(SwitchRouter(6, 4, None)(x).aux) == {"balance"}
+    asked = SwitchRouter(6, 4, None, z_loss=1e-3)
+    logits = x @ asked.gate.weight.t()
+    z = 1e-3 * torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(asked(x).aux["z"], z)
+
+
+@pytest.mark.parametrize("kind", ["topk", "gshard", "switch"])
+def test_router_runs_in_float32_under_bf16_autocast(kind):
+    torch.manual_seed(2)
+    router = build_router(kind, 16, 4, 2, None)
+    nn.init.normal_(router.gate.weight, std=0.5)
+    router.eval()  # no noise, no random second expert: the same routing twice
+    x = torch.randn(64, 16)
+    fp32 = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = router(x)
+    assert bf16.gates.dtype == torch.float32
+    # A bf16 gate projection rounds the logits at ~3 significant digits and moves the gates.
+    torch.testing.assert_close(bf16.gates, fp32.gates, rtol=1e-6, atol=1e-7)
+    assert torch.equal(bf16.experts, fp32.experts)
+
+
+def test_moe_aux_loss_is_in_the_total_loss():
+    model = build_recipe("uniter", "small", 60, region_dim=16, num_region_classes=8, max_len=16)
+    apply_moe(model, ParallelConfig(moe="switch", experts=2))
+    batch = moe_batch()
+    cfg = trainer.TrainConfig(recipe="uniter", shards="-", out="-", lr=0.0)
+    optimizer = trainer.build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, "constant", 0, 10, 0.0)
+    m = trainer.train_step(model, optimizer, scheduler, [batch], "fp32", 1.0, torch.device("cpu"))
+    torch.manual_seed(0)
+    out = model(batch)
+    aux = sum(layer.aux_loss for layer in moe_layers(model))
+    assert float(aux) > 0
+    assert m["loss"] == pytest.approx(float(out["loss"] + aux), rel=1e-5)
+    # The router is trained by the aux loss: the balance loss reaches its gate.
+    model.zero_grad()
+    take_moe_outputs(model, model(batch))["loss"].backward()
+    assert all(float(layer.router.gate.weight.grad.abs().sum()) > 0 for layer in moe_layers(model))
+
+
+def moe_batch(b: int = 4, length: int = 8, regions: int = 5) -> dict:
+    """A UNITER MLM batch over a 60-word vocabulary and 16-d regions."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 60, (b, length), generator=g)
+    labels = torch.full((b, length), -100)
+    labels[:, 2], ids[:, 2] = ids[:, 2], 3
+    xy = torch.rand(b, regions, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + 0.2], -1)
+    return {
+        "task": "mlm",
+        "input_ids": ids,
+        "attention_mask": torch.ones(b, length, dtype=torch.long),
+        "token_type_ids": torch.zeros(b, length, dtype=torch.long),
+        "mlm_labels": labels,
+        "region_feats": torch.randn(b, regions, 16, generator=g),
+        "region_geom": torch.cat([boxes, torch.full((b, regions, 3), 0.2)], -1),
+        "region_mask": torch.ones(b, regions, dtype=torch.long),
+    }

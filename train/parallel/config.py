@@ -33,6 +33,7 @@ class ParallelConfig:
     top_k: int | None = None
     capacity_factor: float | None = None
     moe_every: int = 1  # MLPs n-1, 2n-1, … (0-based, module order) become MoE layers
+    z_loss: float = 0.0  # Switch: ST-MoE's router z-loss weight (0.001 there); 0 = off
 
     @classmethod
     def of(cls, obj: Any) -> ParallelConfig:

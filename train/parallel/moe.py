@@ -6,11 +6,15 @@ Three routers from the papers:
              w·CV(Σ_x P(x, i))², P the smooth probability that expert i stays in the top k.
 - `gshard` — Lepikhin et al. 2020: top-2 of a softmax, second expert kept with probability
              2·g2 (g1 + g2 normalised to 1), expert capacity, ℓ_aux = (1/E)·Σ_e (c_e/S)·m_e.
-- `switch` — Fedus et al. 2021: top-1 with a float32 router, capacity factor, load balancing
-             α·E·Σ_i f_i·P_i and the router z-loss (Zoph et al. 2022) mean_x logsumexp(x)².
+- `switch` — Fedus et al. 2021: top-1, capacity factor, load balancing α·E·Σ_i f_i·P_i; the
+             router z-loss of ST-MoE (Zoph et al. 2022), mean_x logsumexp(x)², is a later
+             addition, off unless asked (`ParallelConfig.z_loss`; ST-MoE used 0.001).
+Every router computes its logits and softmax in float32 with autocast off (Switch's "selective
+precision": bf16 logits move the gates by ~1e-3 and flip near-tied choices).
 Tokens past an expert's capacity get no expert output, so the layer's residual carries them.
-Experts start as copies of the dense MLP they replace (sparse upcycling): a model converted at
-step 0 computes the dense function wherever a token's gates sum to 1.
+Experts are initialised independently, as in the papers (not copies of the dense MLP, which
+would be sparse upcycling, Komatsuzaki et al. 2022): each weight matrix drawn normal at the
+dense layer's own scale, so identical experts do not start with identical gradients.
 
 After each forward a layer holds `aux_loss` (to add to the task loss; `take_moe_outputs`) and
 `stats` (per-expert load, dropped share) for metrics.jsonl.
@@ -31,7 +35,7 @@ from vlforge.train.blocks.mlp import MLP
 from vlforge.train.parallel.config import ParallelConfig
 
 # Loss weights (hyperparameters, not part of the papers' formulas): Switch's α = 0.01 for every
-# balancing loss, ST-MoE's 0.001 for the z-loss.
+# balancing loss, ST-MoE's 0.001 for the z-loss when it is asked for.
 BALANCE_WEIGHT = 0.01
 Z_LOSS_WEIGHT = 0.001
 # Added to the noise scale as in Shazeer's reference code, so Φ(·/σ) never divides by zero.
@@ -77,6 +81,12 @@ def _stats(experts: torch.Tensor, wanted: torch.Tensor, kept: torch.Tensor, n: i
     return counts / total, 1.0 - kept.sum() / total
 
 
+def router_logits(gate: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x·Wᵀ in float32 whatever the autocast dtype (the router's selective precision)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), gate.weight.float())
+
+
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation, population variance (Shazeer's balancing statistic)."""
     return x.float().var(correction=0) / (x.float().mean() ** 2 + 1e-10)
@@ -94,10 +104,10 @@ class NoisyTopKRouter(nn.Module):
         nn.init.zeros_(self.noise.weight)
 
     def forward(self, x: torch.Tensor) -> Routing:
-        clean = self.gate(x).float()
+        clean = router_logits(self.gate, x)
         noisy = clean
         if self.training:
-            std = F.softplus(self.noise(x).float()) + NOISE_EPS
+            std = F.softplus(router_logits(self.noise, x)) + NOISE_EPS
             noisy = clean + torch.randn_like(clean) * std
         top, idx = noisy.topk(min(self.k + 1, self.n), dim=-1)
         gates = torch.softmax(top[:, : self.k], -1)
@@ -134,7 +144,7 @@ class GShardRouter(nn.Module):
         nn.init.normal_(self.gate.weight, std=math.sqrt(0.1 / dim))
 
     def forward(self, x: torch.Tensor) -> Routing:
-        probs = torch.softmax(self.gate(x).float(), -1)
+        probs = torch.softmax(router_logits(self.gate, x), -1)
         g, experts = probs.topk(2, dim=-1)
         gates = g / g.sum(-1, keepdim=True)
         wanted = torch.ones_like(experts, dtype=torch.bool)
@@ -152,24 +162,22 @@ class GShardRouter(nn.Module):
 
 
 class SwitchRouter(nn.Module):
-    """Fedus et al. 2021: top-1 in float32 whatever the autocast dtype."""
+    """Fedus et al. 2021: top-1; `z_loss` > 0 adds ST-MoE's router z-loss with that weight."""
 
-    def __init__(self, dim: int, experts: int, capacity: float | None):
+    def __init__(self, dim: int, experts: int, capacity: float | None, z_loss: float = 0.0):
         super().__init__()
-        self.n, self.capacity = experts, capacity
+        self.n, self.capacity, self.z_loss = experts, capacity, z_loss
         self.gate = nn.Linear(dim, experts, bias=False)
         nn.init.normal_(self.gate.weight, std=math.sqrt(0.1 / dim))
 
     def forward(self, x: torch.Tensor) -> Routing:
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.gate.weight.float())
+        logits = router_logits(self.gate, x)
         probs = torch.softmax(logits, -1)
         gate, expert = probs.max(-1)
         f = F.one_hot(expert, self.n).float().mean(0)
-        aux = {
-            "balance": BALANCE_WEIGHT * self.n * (f * probs.mean(0)).sum(),
-            "z": Z_LOSS_WEIGHT * torch.logsumexp(logits, -1).pow(2).mean(),
-        }
+        aux = {"balance": BALANCE_WEIGHT * self.n * (f * probs.mean(0)).sum()}
+        if self.z_loss > 0:
+            aux["z"] = self.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
         experts, gates = expert[:, None], gate[:, None]
         wanted = torch.ones_like(experts, dtype=torch.bool)
         cap = expert_capacity(x.shape[0], 1, self.n, self.capacity)
@@ -178,13 +186,15 @@ class SwitchRouter(nn.Module):
         return Routing(experts, gates, kept, aux, load, dropped)
 
 
-def build_router(kind: str, dim: int, experts: int, k: int, capacity: float | None) -> nn.Module:
+def build_router(
+    kind: str, dim: int, experts: int, k: int, capacity: float | None, z_loss: float = 0.0
+) -> nn.Module:
     if kind == "topk":
         return NoisyTopKRouter(dim, experts, k, capacity)
     if kind == "gshard":
         return GShardRouter(dim, experts, capacity)
     if kind == "switch":
-        return SwitchRouter(dim, experts, capacity)
+        return SwitchRouter(dim, experts, capacity, z_loss)
     raise ValueError(f"unknown router {kind!r}")
 
 
@@ -199,6 +209,18 @@ def sorted_assignments(
     return tokens[order], experts[order], gates[order]
 
 
+def independent_copy(template: MLP) -> MLP:
+    """The template's structure with fresh weight matrices: normal(0, σ) with σ the template's
+    own weight std (the recipe's init scale; drawn from torch's global RNG, which every rank
+    holds in the same state when the model is built), biases and norms copied as they are."""
+    expert = copy.deepcopy(template)
+    with torch.no_grad():
+        for p, t in zip(expert.parameters(), template.parameters(), strict=True):
+            if p.dim() >= 2:
+                p.normal_(0.0, float(t.float().std()) if t.numel() > 1 else 0.02)
+    return expert
+
+
 class MoE(nn.Module):
     """A router and E experts (MLPs) in place of one MLP. Experts sit in a ModuleDict keyed by
     their global index, so expert parallelism keeps checkpoint names when it drops the others."""
@@ -207,7 +229,7 @@ class MoE(nn.Module):
         super().__init__()
         self.router = router
         self.num_experts = experts
-        self.experts = nn.ModuleDict({str(e): copy.deepcopy(template) for e in range(experts)})
+        self.experts = nn.ModuleDict({str(e): independent_copy(template) for e in range(experts)})
         self.expert_parallel: Callable[..., torch.Tensor] | None = None  # apply_ep sets it
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
@@ -246,7 +268,7 @@ def apply_moe(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         dim = mlp.fc1.in_features
-        router = build_router(cfg.moe, dim, cfg.experts, cfg.k, cfg.capacity)
+        router = build_router(cfg.moe, dim, cfg.experts, cfg.k, cfg.capacity, cfg.z_loss)
         layer = MoE(mlp, router, cfg.experts).to(mlp.fc1.weight.device)
         setattr(parent, attr, layer)
     return model
