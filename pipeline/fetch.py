@@ -346,6 +346,7 @@ class Fetcher:
             if declared is not None and declared > max_bytes and not truncate:
                 raise _Failure("failed", "too_large", f"Content-Length {declared}", 200)
             body, complete = self._read_body(conn, response, deadline, max_bytes, truncate)
+            response.close()  # frees the connection for its next request (the socket stays)
             if declared is not None and len(body) < declared and complete:
                 raise _Failure("failed", "truncated", f"{len(body)} of {declared} bytes", 200)
             encoding = (response.getheader("content-encoding") or "").strip().lower()
@@ -396,6 +397,8 @@ class Fetcher:
                 raise _Failure("failed", "deadline_exceeded", f"body still arriving after {size} B")
             if conn.sock is not None:  # a slow body must not outlive the total deadline
                 conn.sock.settimeout(min(self.config.timeout, remaining))
+            if response.length == 0:  # all of a declared length is in
+                return b"".join(chunks), True
             # With a known length, ask for all of it at once: one read call instead of many.
             want = response.length or 65536
             chunk = response.read1(min(want, max_bytes + 1 - size))
