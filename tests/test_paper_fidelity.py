@@ -174,3 +174,32 @@ def moe_batch(b: int = 4, length: int = 8, regions: int = 5) -> dict:
         "region_geom": torch.cat([boxes, torch.full((b, regions, 3), 0.2)], -1),
         "region_mask": torch.ones(b, regions, dtype=torch.long),
     }
+
+
+# -- UNIMO -------------------------------------------------------------------------------------
+
+
+def test_unimo_masks_one_modality_per_row(tmp_path):
+    # UNIMO masks one modality of a pair at a time (the other left whole, as UNITER's
+    # conditional masking); a text-only row can only have its text masked, an image-only row
+    # only its regions.
+    samples = _samples(tmp_path, 24)
+    asm = recipe_assembler("unimo", samples, mlm_prob=0.5, region_prob=0.5)
+    counts = {"text": 0, "regions": 0}
+    for i in range(40):
+        b = asm(samples, np.random.default_rng(i))
+        text = (b["mlm_labels"] != -100).any(1)
+        regions = b["mrm_mask"].any(1)
+        assert not (text & regions).any()
+        kind = b["modality"]
+        assert not regions[kind == 1].any() and not text[kind == 2].any()
+        # The modality left whole is its original input: no [MASK], no zeroed region.
+        whole_text = ~text & (kind != 2)
+        assert not (b["input_ids"][whole_text] == asm.tok.mask_id).any()
+        whole_regions = ~regions & (kind != 1)
+        assert torch.equal(
+            b["region_feats"][whole_regions], b["region_feats_target"][whole_regions]
+        )
+        counts["text"] += int(text[kind == 0].sum())
+        counts["regions"] += int(regions[kind == 0].sum())
+    assert counts["text"] > 250 and counts["regions"] > 250

@@ -10,7 +10,9 @@ prediction):
   states, projected); positives are the row's own pair, its TF-IDF-retrieved captions and any
   batch row mine.json names as a text or image positive; hard negatives are its scene-graph
   rewrites plus the other rows (losses/cmcl.py). In-batch negatives are this rank's batch.
-- mlm: bidirectional masked LM over the joint sequence (regions masked too, in the same pass).
+- mlm: bidirectional masked LM over the joint sequence. One modality is masked at a time, as
+  in the paper: a pair row has its text or its regions masked (half each), the other whole
+  (`one_modality`); the region losses come from the same pass.
 - mrfr / mrc: masked region feature regression and detector-class prediction; regions overlapping
   a masked one by IoU ≥ --overlap-iou (0.3) are masked with it (`region_mask_overlap`).
 - seq2seq: teacher-forced captioning with the seq2seq mask (blocks/seq2seq_mask.py) on the
@@ -113,6 +115,7 @@ class UnimoBatchHook:
         training = bool(self.train_tasks) and set(ctx.spec.tasks) == self.train_tasks
         kind = self.kinds(ctx.rng, n) if training else np.zeros(n, dtype=np.int64)
         batch["modality"] = torch.as_tensor(kind)
+        one_modality(batch, ctx, kind)
         for r in np.flatnonzero(kind == TEXT_ONLY):
             if "region_mask" in batch:
                 batch["region_mask"][r] = 0
@@ -177,6 +180,27 @@ class UnimoBatchHook:
             "cmcl_extra_row": torch.as_tensor(np.array(rows, dtype=np.int64)),
             "cmcl_extra_positive": torch.as_tensor(np.array(flags, dtype=bool)),
         }
+
+
+def one_modality(batch: dict[str, Any], ctx: BatchContext, kind: np.ndarray) -> None:
+    """UNIMO's masking of one modality at a time: of a row whose text and regions were both
+    masked, a pair keeps one (half each, from the batch RNG), a text-only row its text, an
+    image-only row its regions; the other modality is restored whole. Done here rather than by
+    the collate's `conditional_masking`, which chooses before the rows' kinds are known and
+    would leave a text-only row with only its (dropped) regions masked."""
+    both = np.asarray(ctx.text_rows & ctx.region_rows, dtype=bool)
+    if not both.any() or "mlm_labels" not in batch or "mrm_mask" not in batch:
+        return
+    on_text = ctx.rng.random(len(both)) < 0.5
+    on_text[kind == TEXT_ONLY], on_text[kind == IMAGE_ONLY] = True, False
+    text_whole = torch.as_tensor(both & ~on_text)
+    regions_whole = torch.as_tensor(both & on_text)
+    labels = batch["mlm_labels"]
+    original = torch.where(labels != IGNORE, labels, batch["input_ids"])
+    batch["input_ids"][text_whole] = original[text_whole]
+    labels[text_whole] = IGNORE
+    batch["region_feats"][regions_whole] = batch["region_feats_target"][regions_whole]
+    batch["mrm_mask"][regions_whole] = False
 
 
 # The trainer reads `batch_hook` off the recipe's class, and the mixing ratios are config fields
