@@ -59,6 +59,7 @@ from vlforge.featurize.shards import npy_bytes, read_raw_samples, write_shard
 from vlforge.featurize.tags import object_tags
 from vlforge.featurize.text_stage import ParseSceneGraphs
 from vlforge.pipeline import storage
+from vlforge.pipeline.redact import redact
 
 NAMESPACE = "featurize"
 REGION_FIELDS = ("boxes.npy", "feats.npy", "cls_prob.npy", "tags.json")  # plus sg.json (text_stage)
@@ -700,5 +701,5 @@ def featurize_shards(
             "total": round(time.perf_counter() - started, 3),
         },
     }
-    storage.write_json(storage.join(out_dir, "manifest.json"), manifest)
+    storage.write_json(storage.join(out_dir, "manifest.json"), redact(manifest))
     return manifest

@@ -41,6 +41,7 @@ from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates
 from vlforge.pipeline.filters import caption_key
 from vlforge.pipeline.funnel import funnel_counts
 from vlforge.pipeline.input_lists import read_rows
+from vlforge.pipeline.redact import redact
 from vlforge.pipeline.shard_writer import AssignShards, WriteShard
 from vlforge.pipeline.work_plan import WorkPlan, normalize_rows, prepare
 from vlforge.versions import package_versions
@@ -234,7 +235,7 @@ def run_corpus(config: CorpusConfig) -> dict:
         "assemble_s": round(finished - crawled, 3),
         "total_s": round(time.time() - started, 3),
     }
-    storage.write_json(storage.join(config.out, "manifest.json"), manifest)
+    storage.write_json(storage.join(config.out, "manifest.json"), redact(manifest))
     return manifest
 
 

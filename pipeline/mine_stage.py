@@ -46,6 +46,7 @@ from vlforge.errors import UserError
 from vlforge.pipeline import progress, storage
 from vlforge.pipeline.mine_config import MineConfig, check_config
 from vlforge.pipeline.mine_scan import normalize_text, tag_text
+from vlforge.pipeline.redact import redact
 from vlforge.pipeline.rewrites import attribute_category, tag_count
 from vlforge.versions import package_versions
 
@@ -290,7 +291,7 @@ def run_mine(
         "total_s": round(time.time() - started, 3),
     }
     manifest["figures"] = summarize_output(out)
-    storage.write_json(storage.join(out, "manifest.json"), manifest)
+    storage.write_json(storage.join(out, "manifest.json"), redact(manifest))
     return manifest
 
 

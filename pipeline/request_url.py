@@ -10,6 +10,7 @@ the crawler does it here, once per URL and once per redirect `Location`.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import urllib.parse
 
@@ -54,10 +55,8 @@ def redirect_target(base: str, location: str) -> str:
     http.client decodes header bytes as Latin-1; servers that put raw UTF-8 in `Location` meant
     UTF-8 (browsers read it so), so the bytes are re-read that way first.
     """
-    try:
+    with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):
         location = location.encode("latin-1").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        pass
     try:
         joined = urllib.parse.urljoin(base, location.strip(_C0_AND_SPACE))
     except ValueError as err:
