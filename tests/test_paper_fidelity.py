@@ -203,3 +203,67 @@ def test_unimo_masks_one_modality_per_row(tmp_path):
         counts["text"] += int(text[kind == 0].sum())
         counts["regions"] += int(regions[kind == 0].sum())
     assert counts["text"] > 250 and counts["regions"] > 250
+
+
+# -- VILLA -------------------------------------------------------------------------------------
+
+
+def recorded_villa_forwards(model, batch) -> tuple[dict, list[tuple[dict, dict]]]:
+    """(the clean inputs, [(perturbed inputs, losses)] of every perturbed forward) of one
+    training forward of an adversarial recipe."""
+    seen: dict = {}
+    calls: list[tuple[dict, dict]] = []
+    raw_inputs, outputs = model.raw_inputs, model.task_outputs
+
+    def record_raw(b):
+        seen["clean"] = raw_inputs(b)
+        return seen["clean"]
+
+    def record(b, tasks, raw=None):
+        losses, logits = outputs(b, tasks, raw)
+        if raw is not None and raw[0] is not seen["clean"][0]:
+            calls.append((raw[0], {k: float(v) for k, v in losses.items()}))
+        return losses, logits
+
+    model.raw_inputs, model.task_outputs = record_raw, record
+    model(batch)
+    return seen["clean"][0], calls
+
+
+def test_villa_perturbs_word_embeddings_and_region_features_one_at_a_time():
+    from test_recipes import R_DIM, make_batch, small
+
+    model = small("villa", adv_steps=2)
+    batch = make_batch(model) | {"task": "itm"}
+    clean, calls = recorded_villa_forwards(model, batch)
+    # The raw inputs the reference perturbs: word embeddings (hidden wide, before position,
+    # segment and LayerNorm) and the region features themselves (their own width).
+    torch.testing.assert_close(clean["text"], model.text.word(batch["input_ids"]))
+    assert torch.equal(clean["image"], batch["region_feats"])
+    assert clean["image"].shape[-1] == R_DIM != model.cfg.hidden
+    # K steps for each modality, the other modality left clean in each.
+    moved = []
+    for perturbed, _ in calls:
+        changed = [k for k in clean if not torch.equal(perturbed[k], clean[k])]
+        assert len(changed) == 1
+        moved.append(changed[0])
+    assert sorted(moved) == ["image", "image", "text", "text"]
+
+
+@pytest.mark.parametrize("task", ["itm", "mlm"])
+def test_villa_perturbation_increases_the_loss(task):
+    from test_recipes import make_batch, small
+
+    model = small("villa", adv_steps=3, adv_lr=1.0, adv_max_norm=0.0)
+    batch = make_batch(model) | {"task": task}
+    with torch.no_grad():
+        clean_loss = float(model.task_outputs(batch, [task])[0][task])
+    clean, calls = recorded_villa_forwards(model, batch)
+    by_modality: dict[str, list[float]] = {}
+    for perturbed, losses in calls:
+        (modality,) = [k for k in perturbed if not torch.equal(perturbed[k], clean[k])]
+        by_modality.setdefault(modality, []).append(losses[task])
+    assert set(by_modality) == {"text", "image"}
+    for losses in by_modality.values():
+        # The ascent raises the task loss: from ≈ clean at FreeLB's small random start to above.
+        assert losses[-1] > losses[0] and losses[-1] > 1.01 * clean_loss

@@ -321,28 +321,30 @@ def test_villa_is_uniter_with_adversarial_training():
 def test_villa_perturbation_respects_the_l2_bound():
     model = _uniter(adversarial=True, adv_lr=5.0, adv_max_norm=0.5, adv_steps=4)
     batch = make_batch(model) | {"task": "itm"}
-    norms: list[dict[str, torch.Tensor]] = []
+    norms: list[tuple[str, torch.Tensor]] = []
     seen: dict = {}
-    embed, outputs = model.embed, model.task_outputs
+    raw_inputs, outputs = model.raw_inputs, model.task_outputs
 
-    def record_embed(b):
-        seen["clean"] = embed(b)
+    def record_raw(b):
+        seen["clean"] = raw_inputs(b)
         return seen["clean"]
 
-    def record(b, tasks, embedded=None):
+    def record(b, tasks, raw=None):
         clean = seen["clean"][0]
-        if embedded is not None and embedded[0] is not clean:
-            norms.append({k: (embedded[0][k] - clean[k]).flatten(1).norm(dim=1) for k in clean})
-        return outputs(b, tasks, embedded)
+        if raw is not None and raw[0] is not clean:
+            for k in clean:  # one modality perturbed at a time
+                if not torch.equal(raw[0][k], clean[k]):
+                    norms.append((k, (raw[0][k] - clean[k]).flatten(1).norm(dim=1)))
+        return outputs(b, tasks, raw)
 
-    model.embed, model.task_outputs = record_embed, record
+    model.raw_inputs, model.task_outputs = record_raw, record
     model(batch)
-    assert len(norms) == 4
-    for step in norms:
-        for k in ("text", "image"):
-            assert (step[k] <= 0.5 + 1e-5).all()
+    assert [k for k, _ in norms] == ["text"] * 4 + ["image"] * 4
+    for _, norm in norms:
+        assert (norm <= 0.5 + 1e-5).all()
     for k in ("text", "image"):  # the ascent with a large step reaches the bound
-        torch.testing.assert_close(norms[-1][k], torch.full((4,), 0.5), rtol=1e-4, atol=1e-5)
+        last = [n for m, n in norms if m == k][-1]
+        torch.testing.assert_close(last, torch.full((4,), 0.5), rtol=1e-4, atol=1e-5)
     delta = torch.randn(3, 5, 8) * 10
     assert (adv.project(delta, 1.0).flatten(1).norm(dim=1) <= 1.0 + 1e-5).all()
 
@@ -353,7 +355,8 @@ def test_villa_kl_is_zero_without_perturbation():
     for task in ("mlm", "itm", "mrc_kl"):
         out = still(batch | {"task": task})
         assert out["adv_kl"] == 0.0
-        torch.testing.assert_close(out["adv"], out[task] + 0.1 * out.get("wra", 0.0))
+        # One unperturbed term per modality: text, then image.
+        torch.testing.assert_close(out["adv"], 2 * (out[task] + 0.1 * out.get("wra", 0.0)))
     torch.manual_seed(0)
     moved = _uniter(adversarial=True, adv_lr=1.0)
     assert moved(batch | {"task": "mlm"})["adv_kl"] > 1e-6
@@ -364,7 +367,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def test_villa_gradients_accumulate_over_k_steps_like_freelb():
-    """One backward through the wrapper = FreeLB's loop with a backward per ascent step."""
+    """One backward through the wrapper = VILLA's loop with a backward per modality and step."""
     k, lr, bound, alpha = 3, 0.5, 0.8, 1.5
     model = _uniter(adversarial=True, adv_steps=k, adv_lr=lr, adv_max_norm=bound)
     batch = make_batch(model) | {"task": "mlm"}
@@ -377,19 +380,17 @@ def test_villa_gradients_accumulate_over_k_steps_like_freelb():
     losses, clean = model.task_outputs(batch, ["mlm"])
     losses["mlm"].backward()
     clean = {name: v.detach() for name, v in clean.items()}
-    embeds, masks = model.embed(batch)
-    deltas = {m: adv.init_delta(e, masks[m], model.cfg.adv_init_mag) for m, e in embeds.items()}
-    for _ in range(k):
-        embeds, masks = model.embed(batch)  # a fresh graph per step, as FreeLB
-        for d in deltas.values():
-            d.requires_grad_(True)
-        perturbed = {m: e + deltas[m] for m, e in embeds.items()}
-        out, logits = model.task_outputs(batch, ["mlm"], (perturbed, masks))
-        objective = out["mlm"] + alpha * adv.symmetric_kl(clean, logits)
-        (objective / k).backward()
-        deltas = {
-            m: adv.ascend(d.detach(), d.grad * k, masks[m], lr, bound) for m, d in deltas.items()
-        }
+    for modality in ("text", "image"):
+        raw, masks = model.raw_inputs(batch)
+        delta = adv.init_delta(raw[modality], masks[modality], model.cfg.adv_init_mag)
+        for _ in range(k):
+            raw, masks = model.raw_inputs(batch)  # a fresh graph per step, as FreeLB
+            delta.requires_grad_(True)
+            perturbed = {**raw, modality: raw[modality] + delta}
+            out, logits = model.task_outputs(batch, ["mlm"], (perturbed, masks))
+            objective = out["mlm"] + alpha * adv.symmetric_kl(clean, logits)
+            (objective / k).backward()
+            delta = adv.ascend(delta.detach(), delta.grad * k, masks[modality], lr, bound)
     by_hand = _grads(model)
     assert wrapped.keys() == by_hand.keys()
     for name in wrapped:

@@ -4,27 +4,31 @@ A recipe turns it on with its config's `adversarial` flag (`--set adversarial=tr
 pretraining and fine-tuning alike; `--recipe villa` is UNITER with it on. Every training batch
 then trains
 
-    L_task(x) + 1/K Σ_k [ L_task(x + δ_k) + α · KL_sym(f(x) ‖ f(x + δ_k)) ]
+    L_task(x) + Σ_m 1/K Σ_k [ L_task(x + δ_m,k) + α · KL_sym(f(x) ‖ f(x + δ_m,k)) ]
 
-where δ_k perturbs the text and the image embeddings (each modality, per example, within an L2
-ball of radius `adv_max_norm`; 0 = unbounded, as VILLA's default), δ_0 is FreeLB's uniform start
-of norm `adv_init_mag`, and δ_{k+1} = Π(δ_k + adv_lr · g_k / ‖g_k‖) with g_k the gradient of step
-k's adversarial objective. The KL is symmetric (VILLA's R_kl) over the recipe's classification
-outputs (MLM, ITM, region classes), the clean side detached: the clean branch is trained by its
-own task loss, the adversarial branch is pulled towards it.
+where, as in VILLA's reference code, each modality m is perturbed on its own (the other left
+clean) and in its raw input space: the word embeddings (before positions, segments and the
+LayerNorm) and the region features (before their projection). δ_m,k lies, per example, within
+an L2 ball of radius `adv_max_norm` (0 = unbounded, as VILLA's default); δ_m,0 is FreeLB's
+uniform start of norm `adv_init_mag`, and δ_m,k+1 = Π(δ_m,k + adv_lr · g / ‖g‖) with g the
+gradient of step k's adversarial objective. The reference backpropagates each modality's
+objective separately, so the modalities' terms add up (and are not averaged). The KL is
+symmetric (VILLA's R_kl) over the recipe's classification outputs (MLM, ITM, region classes),
+the clean side detached: the clean branch is trained by its own task loss, the adversarial
+branch is pulled towards it.
 
 FreeLB accumulates the parameter gradients of the K steps with one backward per step. Here each
-ascent direction is taken with `torch.autograd.grad(…, δ_k)` (which leaves parameter gradients
-alone) and the K objectives are returned summed, so the trainer's single `.backward()` gives the
+ascent direction is taken with `torch.autograd.grad(…, δ)` (which leaves parameter gradients
+alone) and the objectives are returned summed, so the trainer's single `.backward()` gives the
 same accumulated gradients — and DDP, FSDP, gradient accumulation and autocast see one ordinary
-forward/backward, with no change to the trainer. The price is memory: the K + 1 forward graphs
+forward/backward, with no change to the trainer. The price is memory: the 2K + 1 forward graphs
 live until that backward (FreeLB frees each after its step).
 
 The seam a recipe provides (see uniter.py):
-- `embed(batch) -> (embeddings, key masks)`: dicts keyed by modality ("text", "image"), B×N×H
-  and B×N, in the order the encoder reads them;
-- `task_outputs(batch, tasks, embedded) -> (losses, logits)`: the task losses and the
-  classification logits (N×C each) computed from given (perturbed) embeddings.
+- `raw_inputs(batch) -> (inputs, key masks)`: dicts keyed by modality ("text", "image"),
+  B×N×D and B×N;
+- `task_outputs(batch, tasks, raw) -> (losses, logits)`: the task losses and the
+  classification logits (N×C each) computed from given (perturbed) raw inputs.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ Embedded = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 @dataclass
 class AdversarialConfig:
     """Config fields a recipe's config inherits to offer adversarial training. Defaults follow
-    VILLA (3 steps, KL weight 1.5) with FreeLB's random start; the step and the bound are sized
-    for LayerNorm'd embeddings (each token's norm ≈ √hidden), not VILLA's raw word vectors."""
+    VILLA (3 steps, KL weight 1.5) with FreeLB's random start; the step and the bound are per
+    example (all its tokens or regions), sized for the small configs' raw inputs (word vectors
+    of std `init_std`, region features of unit scale), and one for both modalities."""
 
     adversarial: bool = False
     adv_steps: int = 3
@@ -57,10 +62,10 @@ class Perturbable(Protocol):
     task_mode: str
     loss_weights: dict[str, float]
 
-    def embed(self, batch: dict[str, Any]) -> Embedded: ...
+    def raw_inputs(self, batch: dict[str, Any]) -> Embedded: ...
 
     def task_outputs(
-        self, batch: dict[str, Any], tasks: list[str], embedded: Embedded | None = None
+        self, batch: dict[str, Any], tasks: list[str], raw: Embedded | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]: ...
 
 
@@ -140,39 +145,35 @@ def weighted_total(
 def adversarial_losses(
     recipe: Perturbable, batch: dict[str, Any], tasks: list[str], cfg: AdversarialConfig
 ) -> dict[str, torch.Tensor]:
-    """The clean task losses plus "adv" (the adversarial task loss, mean over the K steps) and
-    "adv_kl" (the mean symmetric KL); see the module docstring. Under `torch.no_grad()` (a loss
+    """The clean task losses plus "adv" (the adversarial task loss, summed over the modalities,
+    mean over the K steps) and "adv_kl" (the symmetric KL, likewise); see the module docstring. Under `torch.no_grad()` (a loss
     probe in training mode) the ascent still needs gradients: they are enabled inside, and the
     values come back detached."""
     if not torch.is_grad_enabled():
         with torch.enable_grad():
             out = adversarial_losses(recipe, batch, tasks, cfg)
         return {k: v.detach() for k, v in out.items()}
-    embeds, masks = recipe.embed(batch)
-    losses, clean_logits = recipe.task_outputs(batch, tasks, (embeds, masks))
+    raw, masks = recipe.raw_inputs(batch)
+    losses, clean_logits = recipe.task_outputs(batch, tasks, (raw, masks))
     clean_logits = {k: v.detach() for k, v in clean_logits.items()}
     sampled = recipe.task_mode == "sample" and batch.get("task") is not None
-    deltas = {k: init_delta(e, masks[k], cfg.adv_init_mag) for k, e in embeds.items()}
     adv_sum, kl_sum = None, None
-    for step in range(cfg.adv_steps):
-        for d in deltas.values():
-            d.requires_grad_(True)
-        # The clean embeddings stay in the graph: the adversarial losses train them too.
-        perturbed = {k: e + deltas[k] for k, e in embeds.items()}
-        adv, logits = recipe.task_outputs(batch, tasks, (perturbed, masks))
-        adv_loss = weighted_total(recipe, adv, sampled)
-        kl = symmetric_kl(clean_logits, logits)
-        adv_sum = adv_loss if adv_sum is None else adv_sum + adv_loss
-        kl_sum = kl if kl_sum is None else kl_sum + kl
-        if step == cfg.adv_steps - 1:
-            break  # the last δ is not used again
-        objective = adv_loss + cfg.adv_kl_weight * kl
-        names = list(deltas)
-        grads = torch.autograd.grad(
-            objective, [deltas[k] for k in names], retain_graph=True, allow_unused=True
-        )
-        for k, g in zip(names, grads, strict=True):
-            g = torch.zeros_like(deltas[k]) if g is None else g
-            deltas[k] = ascend(deltas[k].detach(), g, masks[k], cfg.adv_lr, cfg.adv_max_norm)
+    for modality, clean in raw.items():
+        delta = init_delta(clean, masks[modality], cfg.adv_init_mag)
+        for step in range(cfg.adv_steps):
+            delta.requires_grad_(True)
+            # The clean inputs stay in the graph: the adversarial losses train them too.
+            perturbed = {**raw, modality: clean + delta}
+            adv, logits = recipe.task_outputs(batch, tasks, (perturbed, masks))
+            adv_loss = weighted_total(recipe, adv, sampled)
+            kl = symmetric_kl(clean_logits, logits)
+            adv_sum = adv_loss if adv_sum is None else adv_sum + adv_loss
+            kl_sum = kl if kl_sum is None else kl_sum + kl
+            if step == cfg.adv_steps - 1:
+                break  # the last δ is not used again
+            objective = adv_loss + cfg.adv_kl_weight * kl
+            (grad,) = torch.autograd.grad(objective, [delta], retain_graph=True, allow_unused=True)
+            grad = torch.zeros_like(delta) if grad is None else grad
+            delta = ascend(delta.detach(), grad, masks[modality], cfg.adv_lr, cfg.adv_max_norm)
     assert adv_sum is not None and kl_sum is not None
     return {**losses, "adv": adv_sum / cfg.adv_steps, "adv_kl": kl_sum / cfg.adv_steps}

@@ -64,13 +64,17 @@ class RegionEmbeddings(nn.Module):
         geom: torch.Tensor | None = None,
         extra: torch.Tensor | None = None,
         masked: torch.Tensor | None = None,
+        zeroed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """feats B×R×D, geom B×R×G; `extra` (e.g. a segment embedding) is added before the norm;
         `masked` is accepted for callers that track it; with `mask_embedding` every all-zero
-        region is marked whether or not `masked` names it (see the module docstring)."""
+        region is marked whether or not `masked` names it (see the module docstring). `zeroed`
+        (B×R bool) names those regions when `feats` no longer shows them (features perturbed
+        by adversarial training)."""
         del masked
         if self.mask is not None:
-            zeroed = (feats == 0).all(-1)
+            if zeroed is None:
+                zeroed = (feats == 0).all(-1)
             feats = feats + zeroed.unsqueeze(-1).to(feats.dtype) * self.mask.to(feats.dtype)
         x = self.feat_norm(self.feat(feats))
         if self.geom is not None:

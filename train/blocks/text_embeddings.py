@@ -32,13 +32,17 @@ class TextEmbeddings(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        word_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`word_embeds` (B×L×dim) stand in for `word(input_ids)`: adversarial training perturbs
+        the word vectors before position, segment and norm (VILLA's `txt_emb`)."""
         n = input_ids.shape[1]
         if n > self.position.num_embeddings:
             raise ValueError(f"text of {n} tokens exceeds {self.position.num_embeddings} positions")
         if position_ids is None:
             position_ids = torch.arange(n, device=input_ids.device)[None]
-        x = self.word(input_ids) + self.position(position_ids)
+        words = self.word(input_ids) if word_embeds is None else word_embeds
+        x = words + self.position(position_ids)
         if self.token_type is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)

@@ -12,8 +12,9 @@ else other captions of the batch) through the ITM head, with a softmax over the 
 candidates for one image, whatever the head reads off the image alone cancels, so only the
 text-image interaction is rewarded — what binary ITM needs ~1000 steps of its ln 2 saddle to find.
 
-`embed` / `task_outputs` are the seam adversarial training (train/adversarial.py, VILLA) uses:
-`--set adversarial=true` perturbs the text and image embeddings.
+`raw_inputs` / `task_outputs` are the seam adversarial training (train/adversarial.py, VILLA)
+uses: `--set adversarial=true` perturbs the word embeddings and the region features, one
+modality at a time.
 """
 
 from __future__ import annotations
@@ -153,25 +154,43 @@ class Uniter(Recipe):
 
     # -- the encoder -------------------------------------------------------------------------
 
-    def embed(self, batch: dict[str, Any]) -> Embedded:
-        """({"text": B×L×H, "image": B×R×H}, their key masks) for whichever modalities the batch
-        has, in encoder order: what adversarial training perturbs."""
-        embeds, masks = {}, {}
+    def raw_inputs(self, batch: dict[str, Any]) -> Embedded:
+        """({"text": word vectors B×L×H, "image": region features B×R×D}, their key masks) for
+        whichever modalities the batch has: what adversarial training perturbs (VILLA's
+        `txt_emb` and `img_feat`, before positions, geometry and LayerNorms)."""
+        raw, masks = {}, {}
         if "input_ids" in batch:
             ids = batch["input_ids"]
-            embeds["text"] = self.text(ids, batch.get("token_type_ids"))
+            raw["text"] = self.text.word(ids)
             masks["text"] = batch.get("attention_mask", torch.ones_like(ids)).to(torch.long)
         if "region_feats" in batch:
+            feats = batch["region_feats"]
+            raw["image"] = feats
+            masks["image"] = batch.get(
+                "region_mask", torch.ones(feats.shape[:2], device=feats.device)
+            ).to(torch.long)
+        if not raw:
+            raise KeyError("uniter needs input_ids and/or region_feats")
+        return raw, masks
+
+    def embed(self, batch: dict[str, Any], raw: Embedded | None = None) -> Embedded:
+        """({"text": B×L×H, "image": B×R×H}, key masks) in encoder order, from the batch's raw
+        inputs or given (perturbed) ones."""
+        inputs, masks = raw if raw is not None else self.raw_inputs(batch)
+        embeds = {}
+        if "text" in inputs:
+            embeds["text"] = self.text(
+                batch["input_ids"], batch.get("token_type_ids"), word_embeds=inputs["text"]
+            )
+        if "image" in inputs:
             feats = batch["region_feats"]
             img_type = torch.ones(feats.shape[:2], dtype=torch.long, device=feats.device)
             segment = self.text.token_type(img_type) if self.text.token_type is not None else None
             geom = batch.get("region_geom") if self.geometry else None
-            embeds["image"] = self.regions(feats, geom, segment, batch.get("mrm_mask"))
-            masks["image"] = batch.get(
-                "region_mask", torch.ones(feats.shape[:2], device=feats.device)
-            ).to(torch.long)
-        if not embeds:
-            raise KeyError("uniter needs input_ids and/or region_feats")
+            # The mask embedding marks the regions the data side zeroed, perturbed or not.
+            embeds["image"] = self.regions(
+                inputs["image"], geom, segment, batch.get("mrm_mask"), (feats == 0).all(-1)
+            )
         return embeds, masks
 
     def encode_embedded(self, embedded: Embedded) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -204,10 +223,11 @@ class Uniter(Recipe):
         return self.task_outputs(batch, tasks)[0]
 
     def task_outputs(
-        self, batch: dict[str, Any], tasks: list[str], embedded: Embedded | None = None
+        self, batch: dict[str, Any], tasks: list[str], raw: Embedded | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(task losses, classification logits by head) from the batch or given embeddings."""
-        hidden, mask, n_text = self.encode_embedded(embedded or self.embed(batch))
+        """(task losses, classification logits by head) from the batch or given raw inputs
+        (`raw_inputs`' format, perturbed by adversarial training)."""
+        hidden, mask, n_text = self.encode_embedded(self.embed(batch, raw))
         out: dict[str, torch.Tensor] = {}
         logits_by_head: dict[str, torch.Tensor] = {}
         wanted = set(tasks)
