@@ -267,3 +267,42 @@ def test_villa_perturbation_increases_the_loss(task):
     for losses in by_modality.values():
         # The ascent raises the task loss: from ≈ clean at FreeLB's small random start to above.
         assert losses[-1] > losses[0] and losses[-1] > 1.01 * clean_loss
+
+
+# -- Unicoder-VL -------------------------------------------------------------------------------
+
+
+def encoder_input(model, batch) -> torch.Tensor:
+    """The sequence a recipe's (single) encoder receives, by a forward hook."""
+    seen = {}
+    handle = model.encoder.register_forward_hook(lambda _m, args, _o: seen.update(x=args[0]))
+    try:
+        model.eval()(batch)
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+def test_unicoder_vl_puts_an_img_token_before_the_regions():
+    from test_recipes import make_batch, small
+
+    model = small("unicoder_vl")
+    batch = make_batch(model)
+    n_text, regions = batch["input_ids"].shape[1], batch["region_feats"].shape[1]
+    x = encoder_input(model, batch)
+    assert x.shape[1] == n_text + 1 + regions
+    # [IMG]: the whole image — the mean of the real regions' features at the whole-image box.
+    m = batch["region_mask"].float()[..., None]
+    mean = (batch["region_feats"] * m).sum(1) / m.sum(1)
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]).expand(len(mean), 5)
+    with torch.no_grad():
+        img = model.regions(mean[:, None], whole[:, None])[:, 0]
+        rest = model.regions(batch["region_feats"], batch["region_geom"])
+    torch.testing.assert_close(x[:, n_text], img)
+    torch.testing.assert_close(x[:, n_text + 1 :], rest)
+    # Masked object classification reads the regions after [IMG].
+    hidden, n = model.encode(batch)
+    assert n == n_text
+    with torch.no_grad():
+        want = model.moc(hidden[:, n + 1 :][batch["mrm_mask"].bool()])
+    torch.testing.assert_close(model.moc_logits(batch), want)

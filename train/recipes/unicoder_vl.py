@@ -1,7 +1,10 @@
 """Unicoder-VL (Li et al. 2020): one transformer over [text; regions].
 
-Regions: the feature and its 5-d location (x1, y1, x2, y2, area) each through a linear layer,
-summed and LayerNorm'd. Pretraining sums, on every batch, MLM, masked object classification
+Sequence: [CLS] caption [SEP] [IMG] regions. Regions: the feature and its 5-d location
+(x1, y1, x2, y2, area) each through a linear layer, summed and LayerNorm'd. [IMG] opens the
+visual part and stands for the whole image: the mean of the real regions' features at the
+whole-image location (0, 0, 1, 1, 1), embedded like a region (as ViLBERT builds its [IMG]; the
+paper names the token and its role, not how its feature is pooled). Pretraining sums, on every batch, MLM, masked object classification
 (MOC: the detector's top class as a hard label — `hard_region_labels`, background column 0 never a
 target) and visual-linguistic matching (VLM: one FC layer on the [CLS] output, no pooler).
 """
@@ -15,6 +18,7 @@ import torch
 
 from vlforge.train.blocks import (
     attention_mask,
+    prepend_global_region,
 )
 from vlforge.train.losses import (
     ITMHead,
@@ -68,18 +72,13 @@ class UnicoderVL(Recipe):
         self.vlm = ITMHead(h)  # Unicoder-VL's FC layer on [CLS]
 
     def encode(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        """(hidden B×(L+R)×H, L)."""
+        """(hidden B×(L+1+R)×H, L): text, [IMG] at L, the regions from L + 1."""
         require(batch, ["input_ids", "region_feats", "region_geom"], "unicoder_vl")
         ids, feats = batch["input_ids"], batch["region_feats"]
         t_keys = batch.get("attention_mask", torch.ones_like(ids))
         v_keys = batch.get("region_mask", torch.ones(feats.shape[:2], device=feats.device))
-        x = torch.cat(
-            [
-                self.text(ids, batch.get("token_type_ids")),
-                self.regions(feats, batch["region_geom"]),
-            ],
-            1,
-        )
+        feats, geom, v_keys = prepend_global_region(feats, batch["region_geom"], v_keys.long())
+        x = torch.cat([self.text(ids, batch.get("token_type_ids")), self.regions(feats, geom)], 1)
         keys = torch.cat([t_keys.to(torch.long), v_keys.to(torch.long)], 1)
         return self.encoder(x, attention_mask(keys)), ids.shape[1]
 
@@ -93,7 +92,7 @@ class UnicoderVL(Recipe):
     def moc_logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """N×C class logits of the masked regions (`mrm_mask`), in batch order."""
         hidden, n_text = self.encode(batch)
-        return self.moc(hidden[:, n_text:][batch["mrm_mask"].bool()])
+        return self.moc(hidden[:, n_text + 1 :][batch["mrm_mask"].bool()])
 
     def compute_losses(self, batch: dict[str, Any], tasks: list[str]) -> dict[str, torch.Tensor]:
         hidden, n_text = self.encode(batch)
@@ -105,7 +104,8 @@ class UnicoderVL(Recipe):
         if "moc" in tasks:
             require(batch, ["mrm_mask", "region_cls_prob"], "moc")
             sel = batch["mrm_mask"].bool()
-            out["moc"] = mrc_loss(self.moc(hidden[:, n_text:][sel]), batch["region_cls_prob"][sel])
+            regions = hidden[:, n_text + 1 :]  # after [IMG]
+            out["moc"] = mrc_loss(self.moc(regions[sel]), batch["region_cls_prob"][sel])
         if "vlm" in tasks:
             require(batch, ["itm_labels"], "vlm")
             out["vlm"] = itm_loss(self.vlm(hidden[:, 0]), batch["itm_labels"])
