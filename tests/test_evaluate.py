@@ -201,3 +201,56 @@ def cli(monkeypatch):
             vlforge.cli, "STAGE_CLIS", (*vlforge.cli.STAGE_CLIS, "vlforge.train.cli")
         )
     return run_cli
+
+
+# An asymmetric score matrix (rows images, columns captions): every image's own caption is its
+# best, so image→text R@1 is 1, but image 0 outscores the owners of captions 1 and 2, so
+# text→image R@1 is 1/3. Swapping the orientation anywhere swaps the two.
+ASYMMETRIC = np.array([[1.0, 0.9, 0.9], [0.0, 0.5, 0.4], [0.0, 0.3, 0.35]])
+
+
+class TableScorer(nn.Module):
+    """TEST-ONLY single-stream scorer: ASYMMETRIC[image index, caption index]."""
+
+    def __init__(self, samples, tok):
+        super().__init__()
+        self.image = {s["__key__"]: i for i, s in enumerate(samples)}
+        self.caption = {tuple(tok.encode(s["txt"], 40).ids): j for j, s in enumerate(samples)}
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def itm_score(self, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows = [self.caption[tuple(ids[r][mask[r] == 1].tolist())] for r in range(len(ids))]
+        cols = [self.image[k] for k in batch["keys"]]
+        return torch.tensor([ASYMMETRIC[i, j] for i, j in zip(cols, rows, strict=True)])
+
+
+class TableEncoder(TableScorer):
+    """TEST-ONLY dual encoder: image i = e_i, caption j = column j of ASYMMETRIC (normalised,
+    which keeps each row's and column's best where they are)."""
+
+    def encode_image(self, batch):
+        return torch.eye(3)[[self.image[k] for k in batch["keys"]]]
+
+    def encode_text(self, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        cols = [self.caption[tuple(ids[r][mask[r] == 1].tolist())] for r in range(len(ids))]
+        return torch.tensor(ASYMMETRIC[:, cols].T, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("scorer", [TableScorer, TableEncoder])
+def test_recall_orientation_on_an_asymmetric_score_matrix(world, scorer):
+    from vlforge.train.evaluate import Evaluator
+
+    _, spec, samples, tok = world
+    distinct = list({s["txt"]: s for s in samples}.values())[:3]
+    model = scorer(distinct, tok)
+    evaluator = Evaluator(model, tok, spec, batch_size=2)
+    np.testing.assert_allclose(
+        np.argmax(evaluator.similarity(distinct), 1), [0, 1, 2]
+    )  # rows are images
+    out = evaluator.retrieval(distinct)
+    assert out["retrieval_i2t_r1"] == 1.0
+    assert out["retrieval_t2i_r1"] == pytest.approx(1 / 3)
+    assert recall_at(ASYMMETRIC, np.eye(3, dtype=bool), ks=(1,))[1] == 1.0
+    assert recall_at(ASYMMETRIC.T, np.eye(3, dtype=bool), ks=(1,))[1] == pytest.approx(1 / 3)
