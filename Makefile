@@ -30,7 +30,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
+# The corpus bench serves its images with Debian's nginx, installed here once if missing.
 bench: $(STAMP)
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx)
 	$(BIN)/python bench/bench_corpus.py
 	@for b in bench/bench_parser.py bench/bench_featurize.py bench/bench_mine.py \
 		bench/bench_train_step.py bench/bench_train_loader.py bench/bench_scaling.py; do \

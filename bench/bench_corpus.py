@@ -1,25 +1,28 @@
-"""Crawl the same loopback URL list with `vlforge corpus` and with img2dataset, in one run.
+"""Crawl the same URL list with `vlforge corpus` and with img2dataset, in one run, on two image sets.
 
-Same list, image size, resize mode, output format, process and thread counts. The images are
-demo-world renders written once to bench/work and served as static files by a separate process,
-so neither crawler pays for rendering. Prints images/s of each and the ratio, and appends a line
-to bench/results.md with the date and the machine.
+Same list, image size, resize mode, output format, process and thread counts, same nginx. The
+sets: the demo world's renders, and real-photo-sized JPEGs (500–2000 px on the long side, cut and
+scaled from real photos that installed packages ship). Both are written once to bench/work and
+served as static files by nginx (Debian's, started and stopped here), so the server is not what
+is measured. Each set prints one JSON line with its "ratio" (vlforge images/s over img2dataset's)
+and appends a row to bench/results.md with the date and the machine.
 
-    python bench/bench_corpus.py [--n 20000] [--processes 2] [--threads 32]
+    python bench/bench_corpus.py [--world 10000] [--photos 2000] [--processes 2] [--threads 32]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
 import json
-import multiprocessing
 import shutil
 import socket
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,9 +33,32 @@ sys.path.insert(0, str(ROOT / "bench"))
 from results_table import record  # noqa: E402
 
 WORK = ROOT / "bench" / "work"
+NGINX_CONF = """
+worker_processes 2;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    types {{ image/jpeg jpg; }}
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {root};
+    }}
+}}
+"""
 
 
-def render_images(n: int, directory: Path) -> None:
+def render_world(n: int, directory: Path) -> None:
     from vlforge.world.render import render_scene
     from vlforge.world.scene import sample_scene
 
@@ -43,16 +69,14 @@ def render_images(n: int, directory: Path) -> None:
             render_scene(sample_scene(7, i)).save(path, quality=90)
 
 
-def serve(directory: Path, port: int) -> None:
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
+def write_photos(n: int, directory: Path) -> None:
+    from photo_samples import real_photo_jpegs
 
-    handler = functools.partial(Quiet, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-    server.daemon_threads = True
-    server.request_queue_size = 1024
-    server.serve_forever()
+    directory.mkdir(parents=True, exist_ok=True)
+    if len(list(directory.glob("*.jpg"))) >= n:
+        return
+    for i, data in enumerate(real_photo_jpegs(n, min_side=500, max_side=2000, seed=0)):
+        (directory / f"{i}.jpg").write_bytes(data)
 
 
 def free_port() -> int:
@@ -61,9 +85,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def count_tar_samples(directory: Path) -> int:
-    import tarfile
+@contextmanager
+def nginx(root: Path):
+    """Debian's nginx serving `root` on a free loopback port, stopped on exit."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise SystemExit("bench_corpus: nginx is not installed (`make bench` installs it)")
+    with tempfile.TemporaryDirectory(prefix="vlforge-nginx-") as tmp:
+        port = free_port()
+        conf = Path(tmp) / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, root=root))
+        proc = subprocess.Popen([binary, "-c", str(conf), "-p", tmp, "-e", f"{tmp}/error.log"])
+        try:
+            _wait_until_serving(f"http://127.0.0.1:{port}/0.jpg", proc)
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
 
+
+def _wait_until_serving(url: str, proc: subprocess.Popen) -> None:
+    for _ in range(200):
+        if proc.poll() is not None:
+            raise SystemExit(f"bench_corpus: nginx exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("bench_corpus: nginx did not start serving")
+
+
+def count_tar_samples(directory: Path) -> int:
     total = 0
     for tar in directory.glob("*.tar"):
         with tarfile.open(tar) as handle:
@@ -95,7 +149,7 @@ def run_img2dataset(urls: Path, out: Path, processes: int, threads: int) -> tupl
         f"download(url_list={str(urls)!r}, output_folder={str(out)!r}, input_format='parquet',"
         " url_col='url', caption_col='caption', output_format='webdataset', image_size=256,"
         f" resize_mode='border', processes_count={processes}, thread_count={threads},"
-        " timeout=10, retries=0, number_sample_per_shard=10000, enable_wandb=False,"
+        " timeout=10, retries=0, number_sample_per_shard=1000, enable_wandb=False,"
         " distributor='multiprocessing')\n"
     )
     started = time.perf_counter()
@@ -103,48 +157,71 @@ def run_img2dataset(urls: Path, out: Path, processes: int, threads: int) -> tupl
     return time.perf_counter() - started, count_tar_samples(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20_000)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=32)
-    args = parser.parse_args()
-
-    images = WORK / "images"
-    print(f"rendering {args.n} world images once into {images} ...", flush=True)
-    render_images(args.n, images)
-    port = free_port()
-    server = multiprocessing.Process(target=serve, args=(images, port), daemon=True)
-    server.start()
-    time.sleep(0.5)  # not a correctness wait: the first request of each crawler retries anyway
-    urls = WORK / "urls.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "url": [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(args.n)],
-                "caption": [f"world image number {i} with coloured shapes" for i in range(args.n)],
-            }
-        ),
-        urls,
-    )
-    try:
-        i2d_s, i2d_n = run_img2dataset(urls, WORK / "img2dataset", args.processes, args.threads)
-        vl_s, vl_n = run_vlforge(urls, WORK / "vlforge", args.processes, args.threads)
-    finally:
-        server.terminate()
-    vl_rate, i2d_rate = vl_n / vl_s, i2d_n / i2d_s
-    ratio = vl_rate / i2d_rate
-    print(f"img2dataset: {i2d_n} images in {i2d_s:.1f} s = {i2d_rate:.0f} img/s")
-    print(f"vlforge    : {vl_n} images in {vl_s:.1f} s = {vl_rate:.0f} img/s")
-    print(f"ratio vlforge / img2dataset = {ratio:.2f}x")
+def bench_set(name: str, images: Path, n: int, args: argparse.Namespace) -> dict:
+    """Both crawlers on one image set, alternating over `--rounds`; the best time of each."""
+    times: dict[str, list[float]] = {"vlforge": [], "img2dataset": []}
+    counts: dict[str, int] = {}
+    with nginx(images) as port:
+        urls = WORK / f"urls-{name}.parquet"
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(n)],
+                    "caption": [f"{name} image number {i} with things in it" for i in range(n)],
+                }
+            ),
+            urls,
+        )
+        for round_ in range(args.rounds):
+            order = [("img2dataset", run_img2dataset), ("vlforge", run_vlforge)]
+            for tool, run in order if round_ % 2 == 0 else order[::-1]:
+                seconds, count = run(urls, WORK / f"{tool}-{name}", args.processes, args.threads)
+                times[tool].append(seconds)
+                counts[tool] = count
+                print(f"  {name:7s} {tool:11s} {count} images in {seconds:.1f} s", flush=True)
+    rates = {tool: counts[tool] / min(times[tool]) for tool in times}
+    ratio = rates["vlforge"] / rates["img2dataset"]
+    line = {
+        "set": name,
+        "n": n,
+        "vlforge_img_s": round(rates["vlforge"], 1),
+        "img2dataset_img_s": round(rates["img2dataset"], 1),
+        "vlforge_images": counts["vlforge"],
+        "img2dataset_images": counts["img2dataset"],
+        "ratio": round(ratio, 3),
+    }
     record(
-        "corpus crawl",
-        f"{args.n} loopback URLs, {args.processes} proc x {args.threads} threads, 256 px border",
-        f"vlforge {vl_rate:.0f} img/s",
-        f"img2dataset {i2d_rate:.0f} img/s",
+        f"corpus crawl ({name})",
+        f"{n} {name} JPEGs from nginx on loopback, {args.processes} proc x {args.threads} "
+        f"threads, 256 px border, best of {args.rounds}",
+        f"vlforge {rates['vlforge']:.0f} img/s",
+        f"img2dataset {rates['img2dataset']:.0f} img/s",
         f"{ratio:.2f}x",
     )
-    print(json.dumps({"vlforge_img_s": vl_rate, "img2dataset_img_s": i2d_rate, "ratio": ratio}))
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=10_000, help="demo-world images")
+    parser.add_argument("--photos", type=int, default=2_000, help="real-photo-sized JPEGs")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each crawler per set")
+    args = parser.parse_args()
+
+    sets = []
+    if args.world:
+        print(f"rendering {args.world} world images once into bench/work ...", flush=True)
+        render_world(args.world, WORK / "images")
+        sets.append(("world", WORK / "images", args.world))
+    if args.photos:
+        print(f"making {args.photos} real-photo-sized JPEGs once into bench/work ...", flush=True)
+        write_photos(args.photos, WORK / "photos")
+        sets.append(("photos", WORK / "photos", args.photos))
+    lines = [bench_set(name, images, n, args) for name, images, n in sets]
+    for line in lines:
+        print(json.dumps(line))
 
 
 if __name__ == "__main__":
