@@ -5,12 +5,22 @@ from __future__ import annotations
 import hashlib
 import urllib.parse
 
+from vlforge.pipeline.request_url import BadURL, request_url
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def normalize_url(url: str) -> str:
-    """Lower-case scheme and host, drop default port and fragment, keep path and query as given."""
-    url = url.strip()
+    """The URL as a browser requests it (so `a b.jpg` and `a%20b.jpg` are one URL, one key).
+
+    A URL no browser could fetch keeps a light normalization (lower-case scheme and host, no
+    default port or fragment): its row fails at fetch time with the reason, under a stable key.
+    """
+    try:
+        return request_url(url)
+    except BadURL:
+        pass
+    url = str(url).strip()
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port

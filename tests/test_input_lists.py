@@ -86,3 +86,10 @@ def test_url_normalization_and_duplicate_marking(tmp_path):
     assert rows.column("dup_of").to_pylist() == [-1, 0, -1, 0]
     keys = rows.column("key").to_pylist()
     assert keys[0] == keys[1] == keys[3] != keys[2]
+
+
+def test_urls_a_browser_treats_as_one_get_one_key():
+    same = ["http://Ex.com/a b.jpg", "http://ex.com/a%20b.jpg", "http://ex.com:80/a b.jpg#x"]
+    assert len({normalize_url(u) for u in same}) == 1
+    assert normalize_url("http://bücher.de/ü.jpg") == "http://xn--bcher-kva.de/%C3%BC.jpg"
+    assert normalize_url("http://[foo/x.jpg") == "http://[foo/x.jpg"  # kept; fails at fetch
