@@ -306,3 +306,61 @@ def test_unicoder_vl_puts_an_img_token_before_the_regions():
     with torch.no_grad():
         want = model.moc(hidden[:, n + 1 :][batch["mrm_mask"].bool()])
     torch.testing.assert_close(model.moc_logits(batch), want)
+
+
+# -- two-stream wiring -------------------------------------------------------------------------
+
+
+def perturb_biases(model: nn.Module, seed: int = 0) -> None:
+    """Random biases and LayerNorm parameters: zero-initialised ones hide wiring mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or (p.dim() == 1 and "norm" in name):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("name", ["vilbert", "ernie_vil", "interbert"])
+def test_two_stream_img_token_offsets_and_itm_fusion(name):
+    from test_recipes import make_batch, small
+
+    from vlforge.train.losses import itm_loss, mrc_kl_loss, mrfr_loss
+
+    model = small(name).eval()
+    perturb_biases(model)
+    batch = make_batch(model)
+    seen = {}
+    handle = model.regions.register_forward_pre_hook(lambda _m, args: seen.update(feats=args[0]))
+    with torch.no_grad():
+        t, v = model.encode(batch)
+    handle.remove()
+    feats, keys = batch["region_feats"], batch["region_mask"].float()[..., None]
+    # Image position 0 is [IMG], the mean of the real regions; the regions follow from 1.
+    assert v.shape[1] == feats.shape[1] + 1
+    torch.testing.assert_close(seen["feats"][:, 0], (feats * keys).sum(1) / keys.sum(1))
+    torch.testing.assert_close(seen["feats"][:, 1:], feats)
+
+    region_task = "mrm" if name == "interbert" else "mrc_kl"
+    with torch.no_grad():
+        out = model.compute_losses(batch, [region_task, "itm"])
+        sel, prob = batch["mrm_mask"].bool(), batch["region_cls_prob"][batch["mrm_mask"].bool()]
+
+        def region_loss(states):
+            loss = mrc_kl_loss(model.mrc(states[sel]), prob)
+            if name == "interbert":  # InterBERT's MRM: class KL + feature regression
+                loss = loss + mrfr_loss(model.mrfr(states[sel]), batch["region_feats_target"][sel])
+            return loss
+
+        torch.testing.assert_close(out[region_task], region_loss(v[:, 1:]))
+        assert not torch.allclose(out[region_task], region_loss(v[:, :-1]))  # the test can tell
+
+        # ITM on [CLS] (text position 0) and [IMG] (image position 0).
+        def pooled(pool, x):
+            return pool.act(x[:, 0] @ pool.dense.weight.T + pool.dense.bias)
+
+        if name == "interbert":  # concatenation of the two pooled states
+            fused = torch.cat([pooled(model.t_pool, t), pooled(model.v_pool, v)], -1)
+        else:  # ViLBERT's element-wise product h_IMG ⊙ h_CLS, ReLU poolers
+            assert model.t_pool.act is model.v_pool.act is torch.nn.functional.relu
+            fused = pooled(model.t_pool, t) * pooled(model.v_pool, v)
+        torch.testing.assert_close(out["itm"], itm_loss(model.itm(fused), batch["itm_labels"]))
