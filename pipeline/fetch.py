@@ -427,7 +427,7 @@ class Fetcher:
                 current = redirect_target(current, headers["location"])
                 continue
             return status, body.decode("utf-8", "replace")
-        return 0, ""  # too many redirects: RFC 9309 says treat as unreachable
+        return 404, ""  # more than five redirects: RFC 9309 2.3.1.2 reads that as unavailable
 
 
 def _decode_content(body: bytes, encoding: str, max_bytes: int) -> bytes:
