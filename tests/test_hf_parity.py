@@ -40,9 +40,11 @@ def _clip(eos_token_id: int):
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.CLIPModel(cfg).eval()
-    with torch.no_grad():  # HF inits LayerNorms to 1/0: perturb so they are really compared
+    with torch.no_grad():
+        # HF inits LayerNorms to 1/0 and Linear biases to 0: perturb every one of them, so a
+        # dropped or misrouted bias or norm cannot match by accident.
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model
 

@@ -24,6 +24,15 @@ def _config(**kw):
     )  # fmt: skip
 
 
+def perturb_biases_and_norms(model: torch.nn.Module) -> None:
+    """Random LayerNorms and biases: HF initialises them to 1/0, and a swapped norm or a
+    dropped bias would match at those values."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+
+
 def _inputs(b: int = 3, L: int = 8, R: int = 5) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 60, (b, L), generator=g)
@@ -54,10 +63,7 @@ def test_lxmert_model_matches_hf(tmp_path):
 
     torch.manual_seed(0)
     hf = LxmertModel(_config()).eval()
-    with torch.no_grad():  # non-trivial LayerNorms, so a swapped norm cannot pass unnoticed
-        for name, p in hf.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
+    perturb_biases_and_norms(hf)
     hf.save_pretrained(tmp_path)
     config, state = load_hf_checkpoint(tmp_path)
     assert detect_arch(config, state) == "lxmert"
@@ -86,6 +92,7 @@ def test_lxmert_pretraining_heads_convert(tmp_path):
 
     torch.manual_seed(0)
     hf = LxmertForPreTraining(_config()).eval()
+    perturb_biases_and_norms(hf)
     hf.save_pretrained(tmp_path)
     model, report = from_hf(tmp_path)
     model.eval()
