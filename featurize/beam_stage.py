@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import (
     KeyedModelHandler,
     ModelHandler,
@@ -47,7 +46,7 @@ from torchvision.ops.poolers import _setup_scales
 
 from vlforge.errors import UserError
 from vlforge.featurize import detectron2_backend
-from vlforge.featurize.detector import load_detector
+from vlforge.featurize.detector import DEVICES, choose_device, load_detector
 from vlforge.featurize.regions import (
     ExtractionConfig,
     RegionExtractor,
@@ -55,9 +54,8 @@ from vlforge.featurize.regions import (
     decode_image,
     region_metadata,
 )
-from vlforge.featurize.shards import npy_bytes, read_raw_samples, write_shard
+from vlforge.featurize.shards import npy_bytes, read_raw_samples
 from vlforge.featurize.tags import object_tags
-from vlforge.featurize.text_stage import ParseSceneGraphs
 from vlforge.pipeline import storage
 from vlforge.pipeline.redact import redact
 
@@ -337,12 +335,17 @@ class LoadedDetector:
         extraction: ExtractionConfig,
         threads: int | None,
         optimize: bool = True,
+        device: str = "auto",
     ):
         if threads:
             torch.set_num_threads(threads)
+        # Chosen here, on the worker: a fleet may mix GPU and CPU machines.
+        self.device = choose_device(device)
         self.extractor, meta = load_extractor(weights, extraction)
-        if optimize and isinstance(self.extractor, RegionExtractor):  # detectron2: as loaded
-            optimize_for_inference(self.extractor.model)
+        if isinstance(self.extractor, RegionExtractor):  # detectron2: as loaded
+            self.extractor.model.to(self.device)
+            if optimize:  # CPU rewrites; a model on a GPU is left as it is
+                optimize_for_inference(self.extractor.model)
         self.class_names = list(meta["class_names"])
         self.attribute_names = meta.get("attribute_names")
         self.detector = {
@@ -362,6 +365,7 @@ class RegionModelHandler(ModelHandler[ImageInput, Featurized, LoadedDetector]):
         extraction: ExtractionConfig = ExtractionConfig(),
         threads: int | None = None,
         optimize: bool = True,
+        device: str = "auto",
     ):
         super().__init__()
         self.weights = weights
@@ -369,9 +373,12 @@ class RegionModelHandler(ModelHandler[ImageInput, Featurized, LoadedDetector]):
         self.extraction = extraction
         self.threads = threads
         self.optimize = optimize
+        self.device = device
 
     def load_model(self) -> LoadedDetector:
-        return LoadedDetector(self.weights, self.extraction, self.threads, self.optimize)
+        return LoadedDetector(
+            self.weights, self.extraction, self.threads, self.optimize, self.device
+        )
 
     def run_inference(
         self,
@@ -413,6 +420,39 @@ class DecodeImage(beam.DoFn):
         yield key, ImageInput(sample, image, reason)
 
 
+def attach_regions(sample: dict, found: Featurized) -> tuple[dict, bool]:
+    """A copy of `sample` with region fields and json["regions"]; True when its json was unreadable."""
+    sample = dict(sample)
+    regions = found.regions
+    meta = region_metadata(regions, found.class_names)
+    meta["detector"] = found.detector
+    sample["boxes.npy"] = npy_bytes(regions.boxes)
+    sample["feats.npy"] = npy_bytes(regions.feats)
+    sample["cls_prob.npy"] = npy_bytes(regions.cls_prob)
+    tags = object_tags(regions, found.class_names, found.attribute_names)
+    sample["tags.json"] = json.dumps(tags, sort_keys=True).encode()
+    sample["json"], bad_json = _updated_json(sample.get("json"), meta)
+    return sample, bad_json
+
+
+def _updated_json(raw: bytes | str | dict | None, meta: dict) -> tuple[bytes, bool]:
+    record: dict = {}
+    bad = False
+    if isinstance(raw, dict):  # a pipeline that keeps json decoded
+        record = dict(raw)
+    elif raw is not None:
+        try:
+            loaded = json.loads(raw)
+            record = loaded if isinstance(loaded, dict) else {"value": loaded}
+        except ValueError:
+            bad = True
+            record = {
+                "unreadable_json": raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            }
+    record["regions"] = meta
+    return json.dumps(record, sort_keys=True).encode(), bad
+
+
 class AttachRegions(beam.DoFn):
     """(key, PredictionResult) → (key, sample with region fields and updated json)."""
 
@@ -423,39 +463,14 @@ class AttachRegions(beam.DoFn):
 
     def process(self, element):
         key, prediction = element
-        sample: dict = dict(prediction.example.sample)
         found: Featurized = prediction.inference
-        regions = found.regions
-        meta = region_metadata(regions, found.class_names)
-        meta["detector"] = found.detector
-        sample["boxes.npy"] = npy_bytes(regions.boxes)
-        sample["feats.npy"] = npy_bytes(regions.feats)
-        sample["cls_prob.npy"] = npy_bytes(regions.cls_prob)
-        tags = object_tags(regions, found.class_names, found.attribute_names)
-        sample["tags.json"] = json.dumps(tags, sort_keys=True).encode()
-        sample["json"] = self._updated_json(sample.get("json"), meta)
-        self.regions.inc(len(regions))
-        if regions.reason:
+        sample, bad_json = attach_regions(prediction.example.sample, found)
+        self.regions.inc(len(found.regions))
+        if found.regions.reason:
             self.empty.inc()
+        if bad_json:
+            self.bad_json.inc()
         yield key, sample
-
-    def _updated_json(self, raw: bytes | str | dict | None, meta: dict) -> bytes:
-        record: dict = {}
-        if isinstance(raw, dict):  # a pipeline that keeps json decoded
-            record = dict(raw)
-        elif raw is not None:
-            try:
-                loaded = json.loads(raw)
-                record = loaded if isinstance(loaded, dict) else {"value": loaded}
-            except ValueError:
-                self.bad_json.inc()
-                record = {
-                    "unreadable_json": raw.decode("utf-8", "replace")
-                    if isinstance(raw, bytes)
-                    else raw
-                }
-        record["regions"] = meta
-        return json.dumps(record, sort_keys=True).encode()
 
 
 class FeaturizeRegions(beam.PTransform):
@@ -558,13 +573,6 @@ def direct_workers(options: PipelineOptions) -> int:
     return max(1, direct.direct_num_workers or 1)
 
 
-def _write_shard(element, out_dir: str):
-    name, items = element
-    samples = [sample for _, sample in sorted(items, key=lambda kv: kv[0])]
-    write_shard(storage.join(out_dir, name + ".tar"), samples)
-    yield {"shard": name, "samples": len(samples)}
-
-
 def _copy_stats(shards: list[str], out_dir: str) -> int:
     """The corpus's sibling parquet stats still describe the same samples: carry them over."""
     copied = 0
@@ -603,14 +611,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _counters(result) -> dict[str, int]:
-    counters: dict[str, int] = {}
-    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
-        name = counter.key.metric.name
-        counters[name] = counters.get(name, 0) + int(counter.committed or counter.attempted or 0)
-    return counters
-
-
 def featurize_shards(
     in_pattern: str,
     out_dir: str,
@@ -620,14 +620,20 @@ def featurize_shards(
     threads: int | None = 1,
     options: PipelineOptions | None = None,
     optimize: bool = True,
+    device: str = "auto",
 ) -> dict:
-    """Featurize every shard matching `in_pattern` into `out_dir` (same names) plus manifest.json."""
+    """Featurize every shard matching `in_pattern` into `out_dir` (same names) plus manifest.json.
+
+    `device`: auto (each worker's GPU if it has one, else its CPU), cpu or cuda.
+    """
     started = time.perf_counter()
     shards = find_shards(in_pattern)
     if not shards:
         raise UserError(f"no shards match {in_pattern} (expected {{prefix}}-NNNNNN.tar files)")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if device not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, not {device!r}")
     load_started = time.perf_counter()
     _, meta = load_extractor(weights, extraction)  # fail fast, in one line, before Beam starts
     load_s = time.perf_counter() - load_started
@@ -642,17 +648,30 @@ def featurize_shards(
     options = options or PipelineOptions([])
     parts = parts_per_shard(len(shards), direct_workers(options))
     run_started = time.perf_counter()
+    from vlforge.featurize.shard_stage import FeaturizeShards
+    from vlforge.pipeline.dask_fixes import close_client, spread
+
+    items = [(path, part, parts) for path in sorted(shards) for part in range(parts)]
+    options = spread(options, len(items))
+    record_path = storage.join(out_dir, ".featurize-record.json")
     pipeline = beam.Pipeline(options=options)
-    written = (
+    _ = (
         pipeline
-        | "Read" >> ReadShards(shards, parts)
-        | "Featurize" >> FeaturizeRegions(weights, batch_size, extraction, threads, optimize)
-        | "SceneGraphs" >> ParseSceneGraphs()
-        | "ByShard" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
-        | "Group" >> beam.GroupByKey()
-        | "Write" >> beam.FlatMap(_write_shard, out_dir)
+        | "Parts" >> beam.Create(items, reshuffle=False)
+        | "Spread" >> beam.Reshuffle()
+        | "Shards"
+        >> FeaturizeShards(
+            out_dir,
+            weights=weights,
+            batch_size=batch_size,
+            extraction=extraction,
+            threads=threads,
+            optimize=optimize,
+            device=device,
+        )
+        # Counts come back through the output, not Beam metrics (DaskRunner has none).
+        | "Record" >> beam.Map(lambda record: storage.write_json(record_path, record))
     )
-    del written
     # Workers run as threads of this process by default, and torch's thread count is
     # process-wide: without the restore, whatever runs next here (the demo's training) would be
     # left at the workers' --threads (1), 40% slower on this box.
@@ -662,9 +681,12 @@ def featurize_shards(
         result.wait_until_finish()
     finally:
         torch.set_num_threads(threads_before)
+        close_client(locals().get("result"))
     run_s = time.perf_counter() - run_started
     copied = _copy_stats(shards, out_dir)
-    counts = _counters(result)
+    record = storage.read_json(record_path)
+    storage.delete([record_path])
+    counts = record["counts"]
     manifest = {
         "stage": "featurize",
         "config": {
@@ -675,6 +697,7 @@ def featurize_shards(
             "threads": threads,
             "optimize": optimize,
             "parts_per_shard": parts,
+            "device": device,
             "extraction": asdict(extraction),
             "beam_options": options.get_all_options(drop_default=True),
         },
@@ -692,8 +715,10 @@ def featurize_shards(
             "regions": counts.get("regions", 0),
             "empty_with_reason": counts.get("empty_with_reason", 0),
             "unreadable_json": counts.get("unreadable_json", 0),
+            "captions_parsed": counts.get("captions_parsed", 0),
             "stats_copied": copied,
         },
+        "devices": record["devices"],  # what the workers ran the detector on
         "shards": sorted(names),
         "timings_s": {
             "load_detector": round(load_s, 3),

@@ -349,3 +349,21 @@ def feature_dim(model: FasterRCNN) -> int:
     if last:
         return last[-1].out_features
     raise ValueError(f"cannot tell the feature width of box head {type(head).__name__}")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """The device a worker runs the detector on, decided when the worker sets up.
+
+    `auto`: the worker's GPU when torch sees one, else the CPU (a fleet may mix both); `cpu` or
+    `cuda` force one, and `cuda` on a worker without a GPU is an error rather than a slow CPU run.
+    """
+    if requested not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)}, not {requested!r}")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no GPU on this worker")
+    return torch.device(requested)

@@ -169,7 +169,11 @@ class RegionExtractor:
 
     def _extract(self, arrays: list[np.ndarray]) -> list[RegionSet]:
         model = self.model
-        tensors = [torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0) for a in arrays]
+        # The model's device (a worker's GPU when featurize chose one); results come back to CPU.
+        device = next(model.parameters()).device
+        tensors = [
+            torch.from_numpy(a).to(device).permute(2, 0, 1).float().div_(255.0) for a in arrays
+        ]
         originals = [(int(a.shape[0]), int(a.shape[1])) for a in arrays]
         image_list, _ = model.transform(tensors)
         sizes = image_list.image_sizes
@@ -215,15 +219,15 @@ class RegionExtractor:
             prob = prob / prob.sum(dim=1, keepdim=True)
             out.append(
                 RegionSet(
-                    boxes=in_pixels.numpy().astype(np.float32),
-                    feats=pooled[start : start + n].numpy().astype(np.float16),
-                    cls_prob=prob.numpy().astype(np.float16),
+                    boxes=in_pixels.cpu().numpy().astype(np.float32),
+                    feats=pooled[start : start + n].cpu().numpy().astype(np.float16),
+                    cls_prob=prob.cpu().numpy().astype(np.float16),
                     width=w,
                     height=h,
-                    scores=conf.numpy().astype(np.float32),
+                    scores=conf.cpu().numpy().astype(np.float32),
                     attr_prob=None
                     if attr_prob is None
-                    else attr_prob[start : start + n].numpy().astype(np.float16),
+                    else attr_prob[start : start + n].cpu().numpy().astype(np.float16),
                 )
             )
             start += n

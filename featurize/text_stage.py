@@ -26,7 +26,7 @@ class _ParseBatch(beam.DoFn):
         self.parser = SceneGraphParser(self.model)
 
     def process(self, batch: list[tuple[str, dict]]):
-        captions = [_caption(sample) for _key, sample in batch]
+        captions = [caption_text(sample) for _key, sample in batch]
         for (key, sample), graph in zip(batch, self.parser.parse_many(captions), strict=True):
             self.parsed.inc()
             if not graph["objects"]:
@@ -34,7 +34,8 @@ class _ParseBatch(beam.DoFn):
             yield key, {**sample, "sg.json": json.dumps(graph).encode("utf-8")}
 
 
-def _caption(sample: dict) -> str:
+def caption_text(sample: dict) -> str:
+    """The sample's caption as text (bytes decoded, a missing one empty)."""
     text = sample.get("txt", b"")
     return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 
