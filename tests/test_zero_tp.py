@@ -181,7 +181,9 @@ def test_per_rank_bytes_follow_the_zero_stages(two_ranks):
     # Stages 2 and 3: gradients and state in halves (FSDP2 pads dim 0 to even rows).
     for stage in (z2, z3):
         for key in ("grad_bytes", "optim_bytes"):
-            assert max(r[key] for r in stage) <= 0.55 * z0[0][key]
+            assert 0 < max(r[key] for r in stage) <= 0.55 * z0[0][key]
+    # What tells them apart: between steps stage 2 holds every parameter, stage 3 its half.
+    assert all(r["param_bytes"] == plain for r in z2)
     assert max(r["param_bytes"] for r in z3) <= 0.55 * plain
     # Tensor parallel: attention and FFN weights halved, embeddings and heads replicated.
     assert plain * 0.5 < max(r["param_bytes"] for r in bytes_of["tp2"]) < plain

@@ -1,8 +1,7 @@
 """Per-rank bytes of parameters, gradients and optimizer state: what ZeRO shards.
 
 Counts each rank's own storage: a DTensor's local shard, ZeRO-1's inner optimizer's state,
-rank-local experts. Measured between steps, when FSDP2 holds parameters sharded (stage 2 keeps
-them whole only from forward to backward).
+rank-local experts. Measured between steps: ZeRO-3 holds parameters sharded then, ZeRO-2 whole.
 """
 
 from __future__ import annotations
@@ -22,9 +21,16 @@ def _bytes(t: torch.Tensor) -> int:
 def rank_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """{"param_bytes", "grad_bytes", "optim_bytes"} held by this rank."""
     params = list(model.parameters())  # shared (tied) parameters once
+    # Gradients of the parameters the optimizer updates: ZeRO-2 holds them on its sharded
+    # parameters while the model's own are the gathered ones (train/parallel/zero.py).
+    stepped = (
+        [p for g in optimizer.param_groups for p in g["params"]]
+        if optimizer is not None
+        else params
+    )
     out = {
         "param_bytes": sum(_bytes(p) for p in params),
-        "grad_bytes": sum(_bytes(p.grad) for p in params if p.grad is not None),
+        "grad_bytes": sum(_bytes(p.grad) for p in stepped if p.grad is not None),
         "optim_bytes": 0,
     }
     if optimizer is not None:
