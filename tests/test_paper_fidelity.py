@@ -364,3 +364,75 @@ def test_two_stream_img_token_offsets_and_itm_fusion(name):
             assert model.t_pool.act is model.v_pool.act is torch.nn.functional.relu
             fused = pooled(model.t_pool, t) * pooled(model.v_pool, v)
         torch.testing.assert_close(out["itm"], itm_loss(model.itm(fused), batch["itm_labels"]))
+
+
+# -- VisualBERT --------------------------------------------------------------------------------
+
+
+def with_positives(samples: list[dict]) -> list[dict]:
+    """Samples whose mine.json names other captions describing their image (every second
+    sample: the rest have none)."""
+    texts = sorted({s["txt"] for s in samples})
+    out = []
+    for i, s in enumerate(samples):
+        others = [t for t in texts if t != s["txt"]][i % 3 : i % 3 + 2]
+        positives = [{"key": f"p{i}{k}", "caption": t} for k, t in enumerate(others)]
+        out.append({**s, "mine.json": {"positives": positives if i % 2 == 0 else []}})
+    return out
+
+
+def segments(ids: list[int], tok) -> list[list[int]]:
+    """The token ids between [CLS]/[SEP] markers of one row (padding dropped)."""
+    body, parts = ids[1:], [[]]
+    for t in body:
+        if t == tok.sep_id:
+            parts.append([])
+        elif t != tok.pad_id:
+            parts[-1].append(t)
+    return parts[:-1]
+
+
+def test_visualbert_sentence_image_prediction_reads_two_captions(tmp_path):
+    # VisualBERT's SIP: given the image and two captions, is the second one the image's? The
+    # first is always a caption of the image; here another caption mined for it (mine.json
+    # positives, never the same text as the image's own caption).
+    samples = with_positives(_samples(tmp_path, 24))
+    asm = recipe_assembler("visualbert", samples)
+    tok = asm.tok
+    body = {s["txt"]: tok.encode(s["txt"], 40).ids[1:-1] for s in samples}
+    positives = {
+        s["__key__"]: [tok.encode(p["caption"], 40).ids[1:-1] for p in s["mine.json"]["positives"]]
+        for s in samples
+        if s["mine.json"]["positives"]
+    }
+    key_caption = {s["__key__"]: s["txt"] for s in samples}
+    two = one = 0
+    for i in range(10):
+        b = asm(samples, np.random.default_rng(i))
+        for r in range(len(samples)):
+            ids = b["input_ids"][r].tolist()
+            labels = b["mlm_labels"][r]
+            parts = segments(ids, tok)
+            original = torch.where(labels != -100, labels, b["input_ids"][r]).tolist()
+            second = segments(original, tok)[-1]
+            key = b["keys"][r]
+            if key in positives:
+                assert len(parts) == 2
+                two += 1
+                first = parts[0]
+                assert first in positives[key] and first != body[key_caption[key]]
+                n_first = len(first) + 2  # [CLS] first [SEP]
+                types = b["token_type_ids"][r]
+                assert (types[:n_first] == 0).all() and (types[n_first : len(original)] != 0).any()
+                assert (labels[:n_first] == -100).all()  # MLM targets only in the second
+            else:  # no other caption of this image: the single-caption form
+                assert len(parts) == 1
+                one += 1
+            # The second caption is the image's own on matched rows, another one on the rest.
+            assert (second == body[key_caption[key]]) == bool(b["itm_labels"][r])
+    assert two > 50 and one > 50
+    # Batches that train no pair task (MLM alone, retrieval scoring) keep one caption.
+    plain = recipe_assembler("visualbert", samples)
+    plain.spec.tasks = {"mlm": 1.0}
+    b = plain(samples, np.random.default_rng(0))
+    assert all(len(segments(row, tok)) == 1 for row in b["input_ids"].tolist())
