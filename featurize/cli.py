@@ -23,7 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # A positional action with a default keeps `vlforge featurize --in X --out Y` the main form.
-    p.add_argument("action", nargs="?", default="run", choices=ACTIONS, help="default: run")
+    # Not `choices=`: the value of a Beam flag given as `--runner DaskRunner` lands here (argparse
+    # does not know --runner takes one) and `run` hands it back to Beam.
+    p.add_argument("action", nargs="?", default="run", help="run (default) or train-detector")
     p.add_argument("--out", help="output directory (run) or weights file (train-detector)")
     g = p.add_argument_group("run")
     g.add_argument("--in", dest="inp", help="shard directory, glob or .tar path")
@@ -41,6 +43,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="threads",
         help="DirectRunner workers as threads of this process (default: detection releases the "
         "GIL, and no worker has to start Python and import torch) or as child processes",
+    )
+    g.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where each worker runs the detector: auto (its GPU when torch sees one, else the "
+        "CPU; decided on the worker), cpu, or cuda",
     )
     g.add_argument(
         "--no-optimize",
@@ -72,7 +81,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, accepts_extra_args=True)
 
 
+def _reclaim_flag_value(args: argparse.Namespace) -> None:
+    """Give a Beam flag back the value the optional `action` positional took from it.
+
+    `featurize --in X --runner DaskRunner ...`: --runner is unknown to us, so argparse takes
+    DaskRunner for the first bare word, the action. It belongs after the first unknown flag
+    that has no `=value` of its own.
+    """
+    if args.action in ACTIONS:
+        return
+    extra = list(getattr(args, "extra_args", []))
+    for i, arg in enumerate(extra):
+        if arg.startswith("--") and "=" not in arg:
+            extra.insert(i + 1, args.action)
+            args.extra_args, args.action = extra, "run"
+            return
+    raise UserError(f"unknown action {args.action!r} (choose from {', '.join(ACTIONS)})")
+
+
 def run(args: argparse.Namespace) -> int:
+    _reclaim_flag_value(args)
     if args.action == "train-detector":
         return _train(args)
     return _featurize(args)
@@ -99,6 +127,7 @@ def _featurize(args: argparse.Namespace) -> int:
         threads=args.threads,
         options=options,
         optimize=args.optimize,
+        device=args.device,
     )
     counts = manifest["counts"]
     sys.stdout.write(

@@ -13,9 +13,15 @@ from apache_beam.options.pipeline_options import (
 
 from vlforge.errors import UserError
 
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+
 
 def _beam_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    # DaskOptions is declared by the Dask runner's module, which imports dask: only when the
+    # dask extra is installed are its flags (--dask_client_address, ...) known.
+    with contextlib.suppress(ImportError):
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
     seen: set[type] = set()
     stack = list(PipelineOptions.__subclasses__())
     while stack:  # every options class Beam knows (Dataflow, Flink, Spark, portable, ...)
@@ -36,6 +42,14 @@ def build_options(beam_args: list[str], workers: int) -> PipelineOptions:
         raise UserError(f"unrecognized arguments: {' '.join(unknown)}")
     options = PipelineOptions(beam_args)
     runner = options.view_as(StandardOptions).runner
+    if runner in ("DaskRunner", "dask"):
+        # Beam knows the Dask runner only by its module path; say so if the extra is missing.
+        if "DaskOptions" not in {c.__name__ for c in PipelineOptions.__subclasses__()}:
+            raise UserError("--runner DaskRunner needs dask: pip install 'vlforge[dask]'")
+        options.view_as(StandardOptions).runner = DASK_RUNNER
+        from vlforge.pipeline import dask_fixes
+
+        dask_fixes.install()
     if runner in (None, "DirectRunner", "direct"):
         direct = options.view_as(DirectOptions)
         direct.direct_num_workers = max(1, workers)

@@ -258,6 +258,7 @@ def run_mine(
 ) -> dict:
     """Mine every shard under `source` into `out`; returns the manifest it wrote."""
     from vlforge.pipeline.beam_options import build_options
+    from vlforge.pipeline.dask_fixes import close_client, spread
     from vlforge.pipeline.mine_shards import check_shard, list_shards
 
     started = time.time()
@@ -268,7 +269,7 @@ def run_mine(
     if any(storage.join(out, s.rsplit("/", 1)[-1]) == s for s in shards):
         raise UserError(f"--out {out} holds the input shards; choose another directory")
     storage.makedirs(out)
-    options = build_options(beam_args or [], workers)
+    options = spread(build_options(beam_args or [], workers), len(shards))
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     written_path = storage.join(out, ".mine-shards.json")
 
@@ -282,6 +283,7 @@ def run_mine(
                 | "Record" >> beam.Map(lambda w: storage.write_json(written_path, w))
             )
         result = pipeline.result
+        close_client(result)
     finished = time.time()
     written = sorted(storage.read_json(written_path), key=lambda w: w["shard"])
     storage.delete([written_path])

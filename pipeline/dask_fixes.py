@@ -1,0 +1,80 @@
+"""Workarounds for Beam's DaskRunner (apache-beam 2.78), installed when a stage runs on it.
+
+1. Outputs leak between bundles. The runner turns every ParDo into a dask `map_partitions` over
+   `apply_dofn_to_bundle`, whose receivers (one list per ParDo) are built once at graph time and
+   never emptied: each bundle returns its own outputs plus those of every earlier bundle of the
+   same ParDo that ran in that worker process. A side input computed inside a task (the runner
+   computes it there with `worker_client`) runs the upstream ParDos again in the same process,
+   so the main input saw every shard twice: mining's document frequencies came out doubled.
+   `_apply_dofn_to_bundle` empties the receivers before and after each bundle. The graph holds
+   the function by reference (module and name), so workers import this module and use it too.
+2. The runner's client is never closed; once the cluster goes away it retries for 30 s and logs
+   errors. `close_client` closes it when the pipeline is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+
+def _apply_dofn_to_bundle(items, invoker_args, invoker_kwargs, tagged_receivers) -> list:
+    from apache_beam.runners.dask import transform_evaluator
+
+    del tagged_receivers.values[:]
+    try:
+        return list(
+            transform_evaluator._vlforge_original_apply(
+                items, invoker_args, invoker_kwargs, tagged_receivers
+            )
+        )
+    finally:
+        del tagged_receivers.values[:]
+
+
+def install() -> None:
+    """Patch the runner's bundle function (idempotent); call before the pipeline is built."""
+    from apache_beam.runners.dask import transform_evaluator
+
+    if not hasattr(transform_evaluator, "_vlforge_original_apply"):
+        transform_evaluator._vlforge_original_apply = transform_evaluator.apply_dofn_to_bundle
+    transform_evaluator.apply_dofn_to_bundle = _apply_dofn_to_bundle
+
+
+def _ensure_installed() -> None:
+    # A worker unpickling the graph imports this module; the original must be known there.
+    from apache_beam.runners.dask import transform_evaluator
+
+    if not hasattr(transform_evaluator, "_vlforge_original_apply"):
+        install()
+
+
+def close_client(result: Any) -> None:
+    """Close the dask client a DaskRunner result holds (other runners' results: nothing)."""
+    client = getattr(result, "client", None)
+    if client is not None and hasattr(client, "close"):
+        client.close()
+
+
+with contextlib.suppress(ImportError):  # without dask there is no runner to patch
+    _ensure_installed()
+
+
+def spread(options: Any, items: int) -> Any:
+    """One dask partition per work item (shard), unless the user chose a partitioning.
+
+    The runner's Create packs up to 128 elements into one partition, and a partition is one
+    task on one worker: a run of a few dozen shards would use a single worker.
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from vlforge.pipeline.beam_options import DASK_RUNNER
+
+    if options.view_as(StandardOptions).runner != DASK_RUNNER:
+        return options
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    dask = options.view_as(DaskOptions)
+    if dask.npartitions is None and dask.partition_size is None:
+        dask.npartitions = max(1, items)
+    return options
