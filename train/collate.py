@@ -4,7 +4,8 @@ Runs in the loader workers with one RNG per batch (from its place in the stream)
 its task, negatives and masks — is the same in a resumed run. Keys of a batch:
 
 text     input_ids, attention_mask, token_type_ids (B×L long), mlm_labels (B×L, -100 = none)
-regions  region_feats (B×R×D, masked ones zeroed 90% of the time), region_feats_target (B×R×D),
+regions  region_feats (B×R×D, masked ones zeroed / replaced / kept per the recipe's masking),
+         region_feats_target (B×R×D),
          region_boxes (B×R×4 xyxy in 0..1), region_geom (B×R×G), region_mask (B×R), region_cls_prob
          (B×R×C, background column 0), mrm_mask (B×R bool)
 pixels   pixel_values (B×3×H×W, CLIP mean/std)
