@@ -12,7 +12,9 @@ the image (mine.json "positives", never the same text as the image's own caption
 from the batch RNG) by the loader-side hook `two_captions`. An image with none gets the
 single-caption form [CLS] b [SEP], which is also what retrieval scores (a batch without a pair
 task: there no caption of the candidate image may be shown). Segment ids are 0 for [CLS] a [SEP]
-and 1 for b, as BERT's sentence pairs; the MLM targets stay in b.
+and 1 for b, as BERT's sentence pairs; the MLM targets stay in b. Mined positives are
+near-duplicates of the image's caption, so on a matched row a resembles b in text: SIP can be
+partly solved from the text alone, as with the paper's five COCO captions of one image.
 """
 
 from __future__ import annotations
