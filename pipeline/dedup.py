@@ -1,15 +1,31 @@
 """Beam transforms that mark duplicates among the rows that passed every filter.
 
 The first row (lowest row id) of each group is kept, so results do not depend on worker timing.
+
+Both transforms are keyed combiners with bounded state, so a popular key (one placeholder image
+copied a million times) never becomes one list on one worker:
+- exact: a min-combiner per key finds the first row (O(1) state per key), and only the winner's
+  id is joined back to the rows; the join's grouped rows are streamed, never listed or sorted.
+- near: per LSH band key a combiner keeps at most `max_representatives` distinct hashes (each
+  with its first row); every row is compared only to those, not to every other row of the band
+  (which is quadratic, and blank or placeholder images make huge bands).
+
+No `beam.Partition` (or other multi-output ParDo): Beam's DaskRunner (2.78) hands every output
+of a multi-output ParDo to every consumer, so a Partition there does not split anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.metrics import Metrics
+
+# Distinct hashes kept per band key. Results equal an all-pairs comparison whenever a band holds
+# at most this many distinct hashes (copies of one hash count once); beyond it, a row is compared
+# to the band's first 64 distinct hashes only. Real photos almost never share a 6-16 bit band
+# value with 64 other distinct hashes; hot bands are nearly always copies of one image.
+MAX_REPRESENTATIVES = 64
 
 
 def _is_candidate(record: dict) -> bool:
@@ -18,6 +34,13 @@ def _is_candidate(record: dict) -> bool:
 
 def _mark(record: dict, reason: str, detail: str) -> dict:
     return {**record, "status": "duplicate", "reason": reason, "detail": detail}
+
+
+def _split(records, label: str):
+    """(candidates, others) by two filters, not a Partition (see the module docstring)."""
+    candidates = records | f"{label}Candidates" >> beam.Filter(_is_candidate)
+    others = records | f"{label}Others" >> beam.Filter(lambda r: not _is_candidate(r))
+    return candidates, others
 
 
 class MarkExactDuplicates(beam.PTransform):
@@ -29,24 +52,30 @@ class MarkExactDuplicates(beam.PTransform):
         self.reason = reason
 
     def expand(self, records):
-        candidates, others = records | "Split" >> beam.Partition(
-            lambda r, _n: 0 if _is_candidate(r) else 1, 2
-        )
+        candidates, others = _split(records, "")
         reason = self.reason
         counter = Metrics.counter("dedup", reason)
+        keyed = candidates | "Key" >> beam.Map(lambda r: (self.key_fn(r), r))
+        first = (
+            keyed
+            | "RowIds" >> beam.MapTuple(lambda key, r: (key, r["row_id"]))
+            | "First" >> beam.CombinePerKey(min)
+        )
 
-        def keep_first(group: tuple[str, Iterable[dict]]):
-            rows = sorted(group[1], key=lambda r: r["row_id"])
-            yield rows[0]
-            for row in rows[1:]:
-                counter.inc()
-                yield _mark(row, reason, f"row {rows[0]['row_id']}")
+        def decide(joined):
+            _key, grouped = joined
+            winner = next(iter(grouped["first"]))
+            for record in grouped["rows"]:  # streamed: a hot key is never held as one list
+                if record["row_id"] == winner:
+                    yield record
+                else:
+                    counter.inc()
+                    yield _mark(record, reason, f"row {winner}")
 
         decided = (
-            candidates
-            | "Key" >> beam.Map(lambda r: (self.key_fn(r), r))
-            | "Group" >> beam.GroupByKey()
-            | "KeepFirst" >> beam.FlatMap(keep_first)
+            {"rows": keyed, "first": first}
+            | "Join" >> beam.CoGroupByKey()
+            | "Decide" >> beam.FlatMap(decide)
         )
         return (decided, others) | "Merge" >> beam.Flatten()
 
@@ -67,38 +96,82 @@ def hamming(a_hex: str, b_hex: str) -> int:
     return (int(a_hex, 16) ^ int(b_hex, 16)).bit_count()
 
 
+class FirstDistinctHashes(beam.CombineFn):
+    """(row id, hash) → {hash: its first row id} for the `limit` hashes seen first.
+
+    Mergeable: a hash trimmed from a partial accumulator had `limit` other hashes seen before it
+    there, so it is not among the first `limit` overall either.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def create_accumulator(self) -> dict[int, int]:
+        return {}
+
+    def _trim(self, acc: dict[int, int]) -> dict[int, int]:
+        if len(acc) <= self.limit:
+            return acc
+        return dict(sorted(acc.items(), key=lambda kv: kv[1])[: self.limit])
+
+    def add_input(self, acc: dict[int, int], element: tuple[int, int]) -> dict[int, int]:
+        row_id, value = element
+        if row_id < acc.get(value, row_id + 1):
+            acc[value] = row_id
+        # Trim lazily (at twice the limit) so adding stays O(1) amortized.
+        return self._trim(acc) if len(acc) > 2 * self.limit else acc
+
+    def merge_accumulators(self, accumulators) -> dict[int, int]:
+        merged: dict[int, int] = {}
+        for acc in accumulators:
+            for value, row_id in acc.items():
+                if row_id < merged.get(value, row_id + 1):
+                    merged[value] = row_id
+            merged = self._trim(merged) if len(merged) > 2 * self.limit else merged
+        return merged
+
+    def extract_output(self, acc: dict[int, int]) -> list[tuple[int, int]]:
+        return sorted((row_id, value) for value, row_id in self._trim(acc).items())
+
+
 class MarkNearDuplicates(beam.PTransform):
     """Perceptual-hash near duplicates: a row is dropped when an earlier row's image is within
-    `max_distance` bits. Candidate pairs come from LSH bands, not an all-pairs comparison."""
+    `max_distance` bits. Candidate pairs come from LSH bands, each row compared only to its
+    bands' first `max_representatives` distinct hashes (bounded work and memory per band)."""
 
-    def __init__(self, max_distance: int):
+    def __init__(self, max_distance: int, max_representatives: int = MAX_REPRESENTATIVES):
         super().__init__(label="Mark near_duplicate_image")
         self.max_distance = max_distance
+        self.max_representatives = max_representatives
 
     def expand(self, records):
-        candidates, others = records | "Split" >> beam.Partition(
-            lambda r, _n: 0 if _is_candidate(r) else 1, 2
-        )
+        candidates, others = _split(records, "")
         max_distance = self.max_distance
 
         def band_keys(record: dict):
+            value = int(record["phash"], 16)
             for band in phash_bands(record["phash"], max_distance):
-                yield band, (record["row_id"], record["phash"])
+                yield band, (record["row_id"], value)
 
-        def earlier_twins(group):
-            rows = sorted(set(group[1]))
-            ids = np.array([r for r, _ in rows], dtype=np.int64)
-            hashes = np.array([int(h, 16) for _, h in rows], dtype=np.uint64)
-            # All pairs of the bucket at once: popcount of XOR (vectorized; buckets are small).
-            distances = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
-            close = np.tril(distances <= max_distance, k=-1)  # only rows earlier than each row
-            for j in np.flatnonzero(close.any(axis=1)):
-                yield int(ids[j]), int(ids[np.argmax(close[j])])
+        members = candidates | "Bands" >> beam.FlatMap(band_keys)
+        representatives = members | "Representatives" >> beam.CombinePerKey(
+            FirstDistinctHashes(self.max_representatives)
+        )
+
+        def earlier_twins(joined):
+            _band, grouped = joined
+            reps = next(iter(grouped["reps"]))
+            for row_id, value in grouped["members"]:  # streamed; at most K comparisons each
+                for rep_row, rep_value in reps:
+                    if rep_row >= row_id:
+                        break  # reps are sorted by row id: only earlier rows can be twins
+                    if (value ^ rep_value).bit_count() <= max_distance:
+                        yield row_id, rep_row
+                        break  # the earliest twin in this band; min over bands follows
 
         dropped = (
-            candidates
-            | "Bands" >> beam.FlatMap(band_keys)
-            | "GroupBand" >> beam.GroupByKey()
+            {"members": members, "reps": representatives}
+            | "JoinBand" >> beam.CoGroupByKey()
             | "Pairs" >> beam.FlatMap(earlier_twins)
             | "FirstTwin" >> beam.CombinePerKey(min)
         )
@@ -106,7 +179,7 @@ class MarkNearDuplicates(beam.PTransform):
 
         def decide(joined):
             _row_id, grouped = joined
-            twins = list(grouped["twin"])
+            twins = list(grouped["twin"])  # at most one: FirstTwin combined them
             for record in grouped["record"]:
                 if twins:
                     counter.inc()
