@@ -191,7 +191,7 @@ def load_checkpoint(
     path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Restores model and optimizer in place; returns {"step", "state": this rank's state,
-    "world_size": ranks that saved it}."""
+    "world_size": ranks that saved it, "ranks": every rank's state}."""
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     optimizer = local_optimizer(optimizer)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT)
@@ -221,6 +221,7 @@ def load_checkpoint(
         "step": int(record["step"]),
         "state": ranks[rank] if rank < len(ranks) else None,
         "world_size": len(ranks),
+        "ranks": ranks,
     }
 
 

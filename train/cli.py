@@ -80,6 +80,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--shard-order", default="epochs", choices=["epochs", "resampled"])
     d.add_argument("--shuffle-buffer", type=int, default=1000)
     d.add_argument("--units-per-chunk", type=int, default=4, help="shards read interleaved")
+    d.add_argument(
+        "--data-streams",
+        type=int,
+        default=0,
+        help="canonical streams a global batch is drawn from (0: its largest divisor ≤ 32); "
+        "the data order depends on it, never on --nproc or --workers",
+    )
     m = p.add_argument_group("masking and pairs")
     m.add_argument("--mlm-prob", type=float, default=0.15)
     m.add_argument("--mlm-mode", default="token", choices=list(MLM_MODES))

@@ -1,18 +1,17 @@
-"""Streaming WebDataset loader: shard URLs → deterministic, resumable batches per rank and worker.
+"""Streaming WebDataset loader: shard URLs → deterministic, resumable global batches.
 
-The stream of each (rank, worker) *slot* is a pure function of the seed and its position, so a
-checkpoint stores a few integers per slot and a resumed run sees exactly the batches it would have.
+Global batch t is a pure function of (seed, t, batch size, stream count), whatever the number of
+ranks and workers (MosaicML streaming's design: canonical partitions, not physical ones):
 
-- Shards are split into *units*: a shard, or 1/m of it (every m-th sample) when there are fewer
-  shards than slots, so any shard count splits over any number of slots without overlap or loss.
-- Epoch-free order: `epochs` walks reshuffled permutations of the units forever (each pass sees
-  every sample once, slot s taking units s, s+S, s+2S, …); `resampled` draws units with
-  replacement (open_clip's --dataset-resampled); `once` is one pass, for evaluation.
-- A *chunk* is a few consecutive units of a slot read interleaved through a shuffle buffer that is
-  drained at the chunk's end; a position is (chunk, samples emitted from it), so resuming re-reads
-  at most one chunk's raw bytes, without decoding them.
-- torch's DataLoader hands out worker batches round-robin; after a resume the physical worker p
-  plays logical worker (p + consumed batches) mod W, so the round-robin order carries on as well.
+- The data is read as S canonical *streams* (SlotStream): shards are split into *units* (a shard,
+  or 1/m of it when there are fewer shards than streams), stream s taking units s, s+S, … of
+  reshuffled permutations (`epochs`), drawn with replacement (`resampled`) or one pass (`once`).
+- A *chunk* is a few consecutive units of a stream read interleaved through a shuffle buffer that
+  is drained at the chunk's end; a position is (chunk, samples emitted from it), so resuming
+  re-reads at most one chunk's raw bytes, without decoding them.
+- Global batch t = the next B/S samples of each stream, stream by stream. A rank takes its
+  contiguous share and reads only the streams it lies in; a checkpoint stores the positions of
+  every stream, so a run resumes at any rank count on the same sample stream.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 import braceexpand
@@ -40,7 +39,7 @@ log = logging.getLogger(__name__)
 SHARD_ORDERS = ("epochs", "resampled", "once")
 
 # Seed streams: distinct first words keep the RNGs of different purposes independent.
-_PERM, _RESAMPLE, _SHUFFLE, _BATCH, _TASK = 11, 12, 13, 14, 15
+_PERM, _RESAMPLE, _SHUFFLE, _BATCH, _TASK, _FORWARD = 11, 12, 13, 14, 15, 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +222,7 @@ class SlotStream:
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches in workers, positions in the main process
+# Global batches: canonical streams read in workers, micro-batches assembled in the main process
 # ---------------------------------------------------------------------------------------------
 
 # (samples, this batch's RNG, an RNG shared by every rank's batch of the same step) → batch.
@@ -232,103 +231,19 @@ Assembler = Callable[
 ]
 
 
-@dataclass
-class LoaderState:
-    """Where every logical worker of this rank stands: what a checkpoint stores for the data."""
-
-    world_size: int = 1
-    num_workers: int = 1
-    consumed: int = 0  # batches this rank has taken
-    # logical worker → [batches emitted, chunk, samples emitted in chunk]
-    positions: dict[int, list[int]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "consumed": self.consumed,
-            "positions": {str(k): list(v) for k, v in self.positions.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LoaderState:
-        return cls(
-            world_size=int(d["world_size"]),
-            num_workers=int(d["num_workers"]),
-            consumed=int(d["consumed"]),
-            positions={int(k): [int(x) for x in v] for k, v in d["positions"].items()},
-        )
-
-
-class BatchStream(IterableDataset):
-    """Decoded, assembled batches of one rank; each carries `_position` for the main process."""
-
-    def __init__(
-        self,
-        cfg: StreamConfig,
-        assemble: Assembler,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        fields: tuple[str, ...] | None = None,
-        required: tuple[str, ...] = (),
-        state: LoaderState | None = None,
-        drop_last: bool = True,
-    ):
-        super().__init__()
-        self.cfg, self.assemble, self.batch_size = cfg, assemble, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.fields, self.required = fields, required
-        self.state, self.drop_last = state, drop_last
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        workers, physical = (info.num_workers, info.id) if info else (1, 0)
-        rotation = self.state.consumed % workers if self.state else 0
-        logical = (physical + rotation) % workers
-        slot, slots = self.rank * workers + logical, self.world_size * workers
-        batches, chunk, skip = (
-            self.state.positions.get(logical, [0, 0, 0]) if self.state else [0, 0, 0]
-        )
-        stream = SlotStream(self.cfg, slot, slots)
-        pending: list[dict[str, Any]] = []
-        position, incomplete = (chunk, skip), 0
-        for raw, position in stream.iterate(chunk, skip):
-            if not all(f in raw for f in self.required):
-                incomplete += 1
-                if incomplete == 1:  # say it once per worker, not once per sample
-                    missing = [f for f in self.required if f not in raw]
-                    warnings.warn(
-                        f"sample {raw['__key__']} lacks {missing}; such samples are skipped",
-                        stacklevel=2,
-                    )
-                continue
-            try:
-                pending.append(decode_sample(raw, self.fields))
-            except Exception as exn:  # a corrupt member costs one sample, not the run
-                warnings.warn(f"sample {raw.get('__key__')}: {exn}; skipped", stacklevel=2)
-                continue
-            if len(pending) == self.batch_size:
-                yield self._emit(pending, slot, batches, logical, workers, position)
-                batches, pending = batches + 1, []
-        if pending and not self.drop_last:
-            yield self._emit(pending, slot, batches, logical, workers, position)
-
-    def _emit(
-        self, samples: list, slot: int, index: int, logical: int, workers: int, pos: tuple
-    ) -> dict:
-        # One RNG per batch, from its place in the stream: masking replays exactly on resume.
-        # The shared RNG depends only on the rank's batch count (the same on every rank), so a
-        # task-sampling recipe trains the same task on all ranks in a step.
-        rng = _rng(_BATCH, self.cfg.seed, slot, index)
-        shared = _rng(_TASK, self.cfg.seed, index * workers + logical)
-        batch = self.assemble(samples, rng, shared)
-        batch["_position"] = (logical, index + 1, pos[0], pos[1])
-        return batch
-
-
 class Loader:
-    """A DataLoader over a BatchStream that tracks the position of what it has handed out."""
+    """Rank-count-invariant global batches (MosaicML streaming's canonical partitions).
+
+    The data is read as `streams` canonical SlotStreams (a number fixed by the run, never by its
+    ranks or workers); global batch t is, stream by stream, the next B/streams samples of each,
+    so it is a pure function of (seed, t, B, streams). Rank r of N takes positions
+    [rB/N, (r+1)B/N) of it and cuts them into `grad_accum` micro-batches, so it reads only the
+    streams (shards) its positions lie in — 1/N of the corpus when N divides `streams`. Workers
+    read and decode a share of the rank's streams; the main process joins their pieces and
+    assembles each micro-batch with an RNG from (seed, t, its first global position), and puts
+    `_seed` in it for in-forward randomness: masking, negatives and dropout are the same
+    whatever the rank count, as long as ranks × grad_accum (the micro-batch shape) is.
+    """
 
     def __init__(
         self,
@@ -340,39 +255,208 @@ class Loader:
         world_size: int = 1,
         fields: tuple[str, ...] | None = None,
         required: tuple[str, ...] = (),
-        state: dict[str, Any] | None = None,
+        state: dict[str, Any] | list[dict[str, Any]] | None = None,
         drop_last: bool = True,
         prefetch_factor: int = 4,
+        grad_accum: int = 1,
+        streams: int = 0,
     ):
-        workers = max(1, num_workers)
-        start = LoaderState.from_dict(state) if state else None
-        if start and (start.world_size, start.num_workers) != (world_size, workers):
-            # The slot layout changed, so the old positions mean nothing: start fresh streams
-            # under a new seed rather than replaying data the run has already seen.
+        if streams < 0:
+            raise UserError(f"--data-streams must be at least 0, not {streams}")
+        streams = streams or default_streams(batch_size)
+        if batch_size % streams or batch_size % (world_size * grad_accum):
+            raise UserError(
+                f"batch size {batch_size} must split into {streams} data streams and over "
+                f"{world_size} ranks × {grad_accum} accumulation steps"
+            )
+        self.cfg, self.assemble, self.batch = cfg, assemble, batch_size
+        self.streams, self.per_stream = streams, batch_size // streams
+        self.rank, self.world, self.accum = rank, world_size, grad_accum
+        self.drop_last = drop_last
+        self.span = (rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        b = self.per_stream
+        mine = [s for s in range(streams) if s * b < self.span[1] and (s + 1) * b > self.span[0]]
+        self.step, self.positions = 0, {s: [0, 0] for s in mine}
+        start = merge_states(state) if state else None
+        if start is not None and (start["streams"], start["batch_size"]) != (streams, batch_size):
+            # Another stream layout: the saved positions mean nothing, so fresh streams under a
+            # new seed rather than a replay of data the run has already seen.
             log.warning("data layout changed since the checkpoint; data stream restarts")
-            cfg = StreamConfig(**{**cfg.__dict__, "seed": cfg.seed + 7919 * (start.consumed + 1)})
-            start = None
-        self.state = start or LoaderState(world_size=world_size, num_workers=workers)
-        dataset = BatchStream(
-            cfg, assemble, batch_size, rank, world_size, fields, required, start, drop_last
+            cfg = replace(cfg, seed=cfg.seed + 7919 * (int(start.get("step", 0)) + 1))
+            self.cfg, start = cfg, None
+        if start is not None:
+            self.step = int(start["step"])
+            for s in mine:
+                self.positions[s] = list(start["positions"].get(s, [0, 0]))
+        workers = min(num_workers, len(mine))  # a worker without a stream would only idle
+        self.pieces_per_step = max(1, workers)
+        per_stream_cfg = replace(cfg, shuffle_buffer=-(-cfg.shuffle_buffer // streams))
+        dataset = StepPieces(
+            per_stream_cfg, streams, b, mine, fields, required, dict(self.positions), self.step
         )
         self.loader = DataLoader(
             dataset,
             batch_size=None,
-            num_workers=num_workers,
-            prefetch_factor=prefetch_factor if num_workers else None,
+            num_workers=workers,
+            prefetch_factor=prefetch_factor if workers else None,
             persistent_workers=False,
+            # Pieces as the workers made them: the default would turn numpy arrays into tensors.
+            collate_fn=_as_is,
             # A private generator: creating the iterator must not draw from the global torch RNG,
-            # which a resumed run restores for dropout.
+            # which a resumed run restores.
             generator=torch.Generator().manual_seed(cfg.seed),
         )
 
+    def _steps(self) -> Iterator[tuple[int, dict[int, list], dict[int, list[int]], bool]]:
+        """(step, stream → samples, stream → position after them, complete) per global step."""
+        group: list[dict[str, Any]] = []
+        for piece in self.loader:
+            group.append(piece)
+            if len(group) == self.pieces_per_step:
+                yield self._join(group)
+                group = []
+        if group:
+            yield self._join(group)
+
+    def _join(self, group: list[dict[str, Any]]) -> tuple:
+        samples = {s: v for p in group for s, v in p["samples"].items()}
+        positions = {s: v for p in group for s, v in p["positions"].items()}
+        complete = len(group) == self.pieces_per_step and all(p["complete"] for p in group)
+        return group[0]["step"], samples, positions, complete
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
-            logical, batches, chunk, emitted = batch.pop("_position")
-            self.state.positions[int(logical)] = [int(batches), int(chunk), int(emitted)]
-            self.state.consumed += 1
-            yield batch
+        b, (lo, hi) = self.per_stream, self.span
+        micro = (hi - lo) // self.accum
+        for step, samples, positions, complete in self._steps():
+            if not complete and self.drop_last:
+                return
+            # This rank's global positions, in global order: stream s holds s*b … s*b+b-1.
+            rows = [
+                (s * b + i, x)
+                for s in sorted(samples)
+                for i, x in enumerate(samples[s])
+                if lo <= s * b + i < hi
+            ]
+            cuts = [rows[a * micro : (a + 1) * micro] for a in range(self.accum)]
+            if not complete:
+                cuts = [c for c in cuts if c] or []
+            for a, cut in enumerate(cuts):
+                if a == len(cuts) - 1:  # the step is taken once its last micro-batch is
+                    self.step = step + 1
+                    self.positions.update({s: list(p) for s, p in positions.items()})
+                yield self._assemble(step, cut)
+            if not complete:
+                return
+
+    def _assemble(self, step: int, rows: list[tuple[int, dict]]) -> dict[str, Any]:
+        first = rows[0][0]
+        rng = _rng(_BATCH, self.cfg.seed, step, first)
+        # The task of a sampled-task recipe: one per step, the same on every rank.
+        shared = _rng(_TASK, self.cfg.seed, step)
+        batch = self.assemble([x for _, x in rows], rng, shared)
+        batch["_seed"] = int(_rng(_FORWARD, self.cfg.seed, step, first).integers(2**62))
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return self.state.to_dict()
+        """This rank's streams' positions; the union of every rank's resumes at any rank count."""
+        return {
+            "version": 2,
+            "streams": self.streams,
+            "batch_size": self.batch,
+            "step": self.step,
+            "positions": {str(s): p for s, p in self.positions.items()},
+        }
+
+
+def _as_is(piece: dict[str, Any]) -> dict[str, Any]:
+    return piece
+
+
+def default_streams(batch_size: int, most: int = 32) -> int:
+    """The largest divisor of the batch size up to `most`: enough streams to spread over ranks
+    (N ranks read disjoint shards when N divides it), few enough to keep open files bounded."""
+    return max(d for d in range(1, min(batch_size, most) + 1) if batch_size % d == 0)
+
+
+def merge_states(states: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One rank's loader state or all ranks' → one state (positions of every stream saved)."""
+    states = [states] if isinstance(states, dict) else [s for s in states if s]
+    if not states or any(s.get("version") != 2 for s in states):
+        if states:
+            log.warning("the checkpoint's data position has an older format; data stream restarts")
+        return None
+    first = states[0]
+    if any((s["streams"], s["batch_size"], s["step"]) != (first["streams"], first["batch_size"],
+           first["step"]) for s in states):  # fmt: skip
+        raise UserError("the checkpoint's ranks disagree on the data position")
+    positions = {int(k): [int(x) for x in v] for s in states for k, v in s["positions"].items()}
+    return {**first, "positions": positions}
+
+
+class StepPieces(IterableDataset):
+    """A worker's share of a rank's streams: per global step, b decoded samples of each."""
+
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        streams: int,
+        per_stream: int,
+        mine: list[int],
+        fields: tuple[str, ...] | None,
+        required: tuple[str, ...],
+        positions: dict[int, list[int]],
+        step: int,
+    ):
+        super().__init__()
+        self.cfg, self.streams, self.b, self.mine = cfg, streams, per_stream, mine
+        self.fields, self.required = fields, required
+        self.positions, self.step = positions, step
+
+    def _samples(self, s: int) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        """Stream s's decodable samples that have the required fields, with positions."""
+        chunk, skip = self.positions.get(s, [0, 0])
+        told = False
+        for raw, pos in SlotStream(self.cfg, s, self.streams).iterate(chunk, skip):
+            if not all(f in raw for f in self.required):
+                if not told:  # say it once per stream, not once per sample
+                    missing = [f for f in self.required if f not in raw]
+                    warnings.warn(
+                        f"sample {raw['__key__']} lacks {missing}; such samples are skipped",
+                        stacklevel=2,
+                    )
+                    told = True
+                continue
+            try:
+                yield decode_sample(raw, self.fields), list(pos)
+            except Exception as exn:  # a corrupt member costs one sample, not the run
+                warnings.warn(f"sample {raw.get('__key__')}: {exn}; skipped", stacklevel=2)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, me = (info.num_workers, info.id) if info else (1, 0)
+        own = self.mine[me::workers]
+        its = {s: self._samples(s) for s in own}
+        positions = {s: list(self.positions.get(s, [0, 0])) for s in own}
+        step = self.step
+        while True:
+            samples: dict[int, list] = {}
+            complete = True
+            for s in own:
+                got = []
+                for sample, pos in its[s]:
+                    got.append(sample)
+                    positions[s] = pos
+                    if len(got) == self.b:
+                        break
+                complete &= len(got) == self.b
+                samples[s] = got
+            if any(samples.values()) or complete:
+                yield {
+                    "step": step,
+                    "samples": samples,
+                    "positions": {s: list(p) for s, p in positions.items()},
+                    "complete": complete,
+                }
+            if not complete:
+                return
+            step += 1

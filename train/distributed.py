@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
+from vlforge.train.device import backend_for, pick_device
 from vlforge.train.parallel.config import ParallelConfig, make_ep_mesh, make_mesh
 from vlforge.train.parallel.expert_parallel import apply_ep, expert_parameter_names, is_expert_param
 from vlforge.train.parallel.moe import apply_moe
@@ -49,13 +50,13 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    dev = pick_device(device, local)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend=backend_for(dev),
             timeout=timedelta(seconds=timeout_s),
             **({"device_id": dev} if use_cuda else {}),
         )

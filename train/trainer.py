@@ -27,6 +27,7 @@ from vlforge.train import checkpoint as ckpt
 from vlforge.train.collate import Assembler, BatchSpec
 from vlforge.train.data import Loader, StreamConfig, expand_shards, iter_shard
 from vlforge.train.decode import decode_sample
+from vlforge.train.device import autocast_dtype
 from vlforge.train.distributed import (
     DistInfo,
     barrier,
@@ -75,6 +76,7 @@ class TrainConfig:
     shard_order: str = "epochs"
     shuffle_buffer: int = 1000
     units_per_chunk: int = 4
+    data_streams: int = 0  # canonical streams of a global batch; 0: the batch size's divisor ≤ 32
     tokenizer: str | None = None  # a tokenizer.json; default: WordPiece trained on the shards
     vocab_size: int = 8000
     tokenizer_samples: int = 200_000
@@ -134,12 +136,8 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "auto":
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        precision = "bf16" if gpu_bf16 else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = autocast_dtype(precision, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def train_step(
@@ -162,6 +160,12 @@ def train_step(
         sync = (
             contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         )
+        batch = dict(batch)
+        seed = batch.pop("_seed", None)
+        if seed is not None:
+            # In-forward randomness (dropout, sampled patches) from the micro-batch's place in
+            # the global batch, not from the rank: the same at any rank count.
+            torch.manual_seed(seed)
         with sync:
             with autocast(precision, device):
                 out = model(to_device(batch, device))
@@ -274,9 +278,8 @@ def make_loader(
     spec: BatchSpec,
     tok: TextTokenizer,
     info: DistInfo,
-    state: dict[str, Any] | None,
+    state: list[dict[str, Any]] | None,
 ) -> Loader:
-    micro = cfg.batch_size // (info.world_size * cfg.grad_accum)
     fields, required = spec.fields()
     stream = StreamConfig(
         tuple(urls),
@@ -288,13 +291,15 @@ def make_loader(
     return Loader(
         stream,
         Assembler(spec, tok),
-        micro,
+        cfg.batch_size,
         num_workers=cfg.workers,
         rank=info.rank,
         world_size=info.world_size,
         fields=fields,
         required=required,
         state=state,
+        grad_accum=cfg.grad_accum,
+        streams=cfg.data_streams,
     )
 
 
@@ -423,8 +428,10 @@ def _run(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
             ):
                 group["lr"] = base * fn(scheduler.last_epoch)
+        # Every rank's stream positions: together they resume at any rank count.
+        data_state = [s["data"] for s in restored["ranks"] if s] or None
         if state and restored["world_size"] == info.world_size:
-            data_state, rng_state = state["data"], state["rng"]
+            rng_state = state["rng"]
     if step >= cfg.steps:
         raise UserError(f"{out} is already at step {step}; raise --steps to train further")
 
