@@ -279,7 +279,7 @@ def test_required_fields_and_corrupt_samples_are_skipped(tmp_path):
     )
     with pytest.warns(UserWarning):
         keys = [k for b in loader for k in b["keys"]]
-    assert keys == ["a", "d"]
+    assert sorted(keys) == ["a", "d"]  # stream order may put d first
 
 
 def test_empty_shards_end_the_stream(tmp_path):
