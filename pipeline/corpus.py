@@ -4,7 +4,8 @@ The flow (each step a small transform in its own module), as two Beam pipelines:
   crawl:    chunks not yet done → CrawlChunk (fetch, check, resize, filter; one checkpoint each)
   assemble: every checkpoint → ReadChunkRecords → MarkExactDuplicates(image) →
             MarkNearDuplicates(phash) → MarkExactDuplicates(caption) → AssignShards →
-            WriteShard → stats.parquet; then manifest.json and the summary.
+            WriteShard, and stats.parquet/ (a dataset: one part per chunk, by the workers);
+            then manifest.json and the summary from one small run summary.
 The split lets a rerun skip the network entirely and lets the global steps run where moving
 records is cheap, while the crawl spreads over worker processes or a cluster.
 """
@@ -15,16 +16,18 @@ import contextlib
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TextIO
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import StandardOptions
 from tqdm import tqdm
 
 from vlforge.errors import UserError
@@ -37,12 +40,14 @@ from vlforge.pipeline.crawl_stage import (
     CrawlSettings,
     ReadChunkRecords,
 )
+from vlforge.pipeline.dask_fixes import close_client, spread
 from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates
 from vlforge.pipeline.filters import caption_key
 from vlforge.pipeline.funnel import funnel_counts
 from vlforge.pipeline.input_lists import read_rows
 from vlforge.pipeline.redact import redact
 from vlforge.pipeline.shard_writer import AssignShards, WriteShard
+from vlforge.pipeline.stats_dataset import STATS_NAME, part_name, stats_parts
 from vlforge.pipeline.work_plan import WorkPlan, normalize_rows, prepare
 from vlforge.versions import package_versions
 
@@ -51,6 +56,8 @@ from vlforge.versions import package_versions
 STATS_SCHEMA = pa.schema(
     [f for f in CHECKPOINT_SCHEMA if f.name in RECORD_FIELDS] + [pa.field("shard", pa.string())]
 )
+# Runners whose workers never share the launcher's disk: a local --out cannot work there.
+REMOTE_ONLY_RUNNERS = ("DataflowRunner", "Flink", "Spark", "PortableRunner", "Prism")
 
 
 @dataclass
@@ -69,23 +76,101 @@ class CorpusConfig:
     show_progress: bool = True
 
 
-def _write_stats(records: list[dict], path: str) -> int:
-    records = sorted(records, key=lambda r: r["row_id"])
-    columns = {name: [r.get(name) for r in records] for name in STATS_SCHEMA.names}
-    storage.write_parquet(path, pa.table(columns, schema=STATS_SCHEMA))
-    return len(records)
+class WriteStatsPart(beam.DoFn):
+    """(chunk, its records) → one part of the stats dataset; yields its (status, reason) counts.
+
+    Each worker writes the parts of the chunks it holds, in parallel; parts go to a staging
+    directory first and reach OUT/stats.parquet/ only when the whole run is done.
+    """
+
+    def __init__(self, staging: str):
+        self.staging = staging
+
+    def process(self, element):
+        chunk, records = element
+        records = sorted(records, key=lambda r: r["row_id"])
+        columns = {name: [r.get(name) for r in records] for name in STATS_SCHEMA.names}
+        path = storage.join(self.staging, part_name(chunk))
+        storage.write_parquet(path, pa.table(columns, schema=STATS_SCHEMA))
+        counts: dict[tuple[str, str], int] = {}
+        for r in records:
+            pair = (r["status"], r["reason"] or "")
+            counts[pair] = counts.get(pair, 0) + 1
+        yield {"counts": sorted(counts.items())}
+
+
+class RunSummary(beam.CombineFn):
+    """Shard descriptions and status counts → one small summary (the launcher's only input)."""
+
+    def create_accumulator(self) -> dict:
+        return {"shards": [], "counts": {}, "requests": 0}
+
+    def add_input(self, acc: dict, element: dict) -> dict:
+        if "shard" in element:
+            acc["shards"].append(element)
+        for pair, n in element.get("counts", ()):
+            acc["counts"][tuple(pair)] = acc["counts"].get(tuple(pair), 0) + n
+        acc["requests"] += element.get("requests", 0)
+        return acc
+
+    def merge_accumulators(self, accumulators) -> dict:
+        merged = self.create_accumulator()
+        for acc in accumulators:
+            merged["shards"].extend(acc["shards"])
+            merged["requests"] += acc["requests"]
+            for pair, n in acc["counts"].items():
+                merged["counts"][pair] = merged["counts"].get(pair, 0) + n
+        return merged
+
+    def extract_output(self, acc: dict) -> dict:
+        return {
+            "shards": sorted(acc["shards"], key=lambda s: s["shard"]),
+            "counts": sorted([status, reason, n] for (status, reason), n in acc["counts"].items()),
+            "requests": acc["requests"],
+        }
+
+
+def _write_summary(path: str):
+    def write(summary: dict) -> str:
+        storage.write_json(path, summary)
+        return path
+
+    return write
 
 
 def build_crawl(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig, chunks: list[int]):
-    """The network step: each chunk not yet checkpointed is fetched and written."""
+    """The network step: each chunk not yet checkpointed is fetched and written.
+
+    Ends in one small summary file (HTTP requests made, counted from the DoFn's outputs): some
+    runners (DaskRunner) report no Beam metrics, and every runner can write a file.
+    """
     pending = pipeline | "Chunks" >> beam.Create(chunks)
     if len(chunks) > 1:  # lets multi-process and remote workers split the chunks among them
         pending = pending | "Spread" >> beam.Reshuffle()
-    return pending | "Crawl" >> beam.ParDo(CrawlChunk(plan, config.crawl))
+    return (
+        pending
+        | "Crawl" >> beam.ParDo(CrawlChunk(plan, config.crawl))
+        | "CrawlSummary" >> beam.CombineGlobally(RunSummary()).without_defaults()
+        | "WriteCrawlSummary" >> beam.Map(_write_summary(_crawl_summary_path(plan)))
+    )
+
+
+def _crawl_summary_path(plan: WorkPlan) -> str:
+    return storage.join(plan.work_dir, "crawl-summary.json")
+
+
+def _stats_staging(plan: WorkPlan) -> str:
+    return storage.join(plan.work_dir, "stats")
 
 
 def build_assemble(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig):
-    """The cheap global steps, recomputed on every run from the checkpoints."""
+    """The cheap global steps, recomputed on every run from the checkpoints.
+
+    One sink at the end (the run summary), every branch feeding it: Beam's DaskRunner (2.78)
+    computes only the graph's last transform, so a branch that ends elsewhere would never run.
+    Filters, not a Partition: that runner hands every output of a multi-output ParDo to every
+    consumer.
+    """
     filters = config.crawl.filters
     records = (
         pipeline
@@ -100,28 +185,60 @@ def build_assemble(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig
         records = records | MarkExactDuplicates(
             lambda r: caption_key(r["caption"]), "duplicate_caption"
         )
-    kept, rest = records | "KeptOrNot" >> beam.Partition(
-        lambda r, _n: 0 if r["status"] == "ok" else 1, 2
-    )
+    kept = records | "Kept" >> beam.Filter(lambda r: r["status"] == "ok")
+    rest = records | "NotKept" >> beam.Filter(lambda r: r["status"] != "ok")
     numbered = kept | "AssignShards" >> AssignShards(config.shard_size, config.prefix)
+    # Only metadata goes through this shuffle: WriteShard reads the image bytes back from the
+    # chunk checkpoints itself.
     written = (
         numbered
         | "GroupShard" >> beam.GroupByKey()
         | "WriteShard" >> beam.ParDo(WriteShard(plan, config.prefix))
     )
-    stats_path = storage.join(config.out, "stats.parquet")
-    _ = (
+    parts = (
         (numbered | "Numbered" >> beam.Values(), rest)
         | "All" >> beam.Flatten()
-        | "StatsList" >> beam.combiners.ToList()
-        | "WriteStats" >> beam.Map(_write_stats, stats_path)
+        | "ByChunk" >> beam.Map(lambda r: (r["chunk"], r))
+        | "GroupChunk" >> beam.GroupByKey()
+        | "WriteStats" >> beam.ParDo(WriteStatsPart(_stats_staging(plan)))
     )
-    shards_path = storage.join(plan.work_dir, "shards.json")
-    _ = (
-        written
-        | "ShardList" >> beam.combiners.ToList()
-        | "WriteShardList" >> beam.Map(lambda shards: storage.write_json(shards_path, shards))
+    summary_path = storage.join(plan.work_dir, "assemble-summary.json")
+    return (
+        (written, parts)
+        | "Outputs" >> beam.Flatten()
+        | "Summary" >> beam.CombineGlobally(RunSummary())
+        | "WriteSummary" >> beam.Map(_write_summary(summary_path))
     )
+
+
+def _publish_stats(plan: WorkPlan, out: str) -> None:
+    """Move the staged parts to OUT/stats.parquet/, replacing an earlier run's stats whole."""
+    staging, final = _stats_staging(plan), storage.join(out, STATS_NAME)
+    if "://" not in out:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        elif os.path.exists(final):  # an older version's single file
+            os.remove(final)
+        os.replace(staging, final)  # one rename: readers see all parts or the old ones
+        return
+    storage.delete(storage.glob(storage.join(final, "*")))
+    parts = stats_parts(staging)
+    FileSystems.rename(parts, [storage.join(final, p.rsplit("/", 1)[1]) for p in parts])
+
+
+def _check_out(config: CorpusConfig, options) -> str:
+    """A relative local --out is made absolute: workers in other processes have other working
+    directories. A local --out is refused where workers cannot share this machine's disk."""
+    out = config.out
+    if "://" in out:
+        return out
+    runner = options.view_as(StandardOptions).runner or ""
+    if any(name in runner for name in REMOTE_ONLY_RUNNERS):
+        raise UserError(
+            f"--out {out}: a local path cannot be written by {runner} workers on other "
+            "machines; use gs:// or s3://"
+        )
+    return os.path.abspath(out)
 
 
 @contextlib.contextmanager
@@ -191,6 +308,7 @@ def run_corpus(config: CorpusConfig) -> dict:
     options = build_options(config.beam_args, config.workers)
     if config.shard_size < 1 or config.chunk_size < 1:
         raise UserError("--shard-size and --chunk-size must be positive")
+    config = replace(config, out=_check_out(config, options))
     rows = normalize_rows(read_rows(config.urls, config.url_col, config.caption_col))
     if rows.num_rows == 0:
         raise UserError(f"{config.urls}: the list has no rows")
@@ -201,6 +319,7 @@ def run_corpus(config: CorpusConfig) -> dict:
         "filters": asdict(config.crawl.filters),
     }
     plan = prepare(config.out, rows, config.chunk_size, settings, config.overwrite)
+    del rows
     done_before = plan.done_chunks()
     planned = time.time()
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
@@ -210,25 +329,34 @@ def run_corpus(config: CorpusConfig) -> dict:
         None if local or "://" in config.out else os.path.join(plan.work_dir, "workers.log")
     )
     results = []
+    requests = 0
     if todo:
+        storage.delete(storage.glob(_crawl_summary_path(plan)))
         with (
             _worker_stderr_to(worker_log) as terminal,
             _Progress(plan, local, config.show_progress, terminal),
-            beam.Pipeline(options=options) as crawl,
         ):
-            build_crawl(crawl, plan, config, todo)
-        results.append(crawl.result)
+            results.append(
+                _run(spread(options, len(todo)), lambda p: build_crawl(p, plan, config, todo))
+            )
+        if storage.exists(_crawl_summary_path(plan)):  # absent when no chunk had work left
+            requests = storage.read_json(_crawl_summary_path(plan))["requests"]
     crawled = time.time()
     # Dedup and sharding move only small records: on DirectRunner they run in this process,
     # where passing records between steps costs nothing (worker processes would pickle each).
-    with beam.Pipeline(options=assemble_options(options)) as assemble:
-        build_assemble(assemble, plan, config)
-    results.append(assemble.result)
+    staging = _stats_staging(plan)
+    storage.delete(storage.glob(storage.join(staging, "*")))
+    storage.makedirs(staging)
+    assemble_opts = spread(assemble_options(options), plan.n_chunks)
+    results.append(_run(assemble_opts, lambda p: build_assemble(p, plan, config)))
     finished = time.time()
-    shards = storage.read_json(storage.join(plan.work_dir, "shards.json"))
+    summary = storage.read_json(storage.join(plan.work_dir, "assemble-summary.json"))
+    shards = summary["shards"]
     _remove_stale_shards(config, {s["shard"] for s in shards})
-    stats = storage.read_parquet(storage.join(config.out, "stats.parquet"))
-    manifest = _manifest(config, plan, stats, shards, results, len(done_before), len(todo))
+    _publish_stats(plan, config.out)
+    counts = {(status, reason): n for status, reason, n in summary["counts"]}
+    manifest = _manifest(config, plan, counts, shards, results, len(done_before), len(todo))
+    manifest["http_requests"] = requests
     manifest["timings"] = {
         "plan_s": round(planned - started, 3),
         "crawl_s": round(crawled - planned, 3),
@@ -237,6 +365,18 @@ def run_corpus(config: CorpusConfig) -> dict:
     }
     storage.write_json(storage.join(config.out, "manifest.json"), redact(manifest))
     return manifest
+
+
+def _run(options, build) -> object:
+    """Build and run one pipeline to the end; a DaskRunner's client is closed afterwards."""
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline)
+    result = pipeline.run()
+    try:
+        result.wait_until_finish()
+    finally:
+        close_client(result)
+    return result
 
 
 def _remove_stale_shards(config: CorpusConfig, current: set[str]) -> None:
@@ -269,11 +409,11 @@ def _versions() -> dict[str, str]:
 
 
 def _manifest(
-    config, plan, stats: pa.Table, shards, results, reused_chunks: int, crawled_chunks: int
+    config, plan, counts: dict, shards, results, reused_chunks: int, crawled_chunks: int
 ) -> dict:
-    by_status = stats.group_by("status").aggregate([("row_id", "count")]).to_pylist()
-    by_reason = stats.group_by(["status", "reason"]).aggregate([("row_id", "count")]).to_pylist()
-    counters = _counter_values(results)
+    by_status: dict[str, int] = {}
+    for (status, _reason), n in counts.items():
+        by_status[status] = by_status.get(status, 0) + n
     return {
         "stage": "corpus",
         "config": {
@@ -282,17 +422,17 @@ def _manifest(
         },
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "cpus": _cpu_count()},
-        "rows": stats.num_rows,
+        "rows": sum(counts.values()),
         "chunks": {"total": plan.n_chunks, "reused": reused_chunks, "crawled": crawled_chunks},
-        "http_requests": counters.get("crawl/http_requests", 0),
-        "status_counts": {r["status"]: r["row_id_count"] for r in by_status},
+        "status_counts": dict(sorted(by_status.items())),
         "reason_counts": {
-            f"{r['status']}:{r['reason'] or '-'}": r["row_id_count"] for r in by_reason
+            f"{status}:{reason or '-'}": n for (status, reason), n in sorted(counts.items())
         },
-        "funnel": funnel_counts(stats),
+        "funnel": funnel_counts(counts),
         "shards": sorted(shards, key=lambda s: s["shard"]),
-        "samples": int(pc.sum(pc.equal(stats.column("status"), "ok")).as_py() or 0),
-        "beam_counters": counters,
+        "samples": by_status.get("ok", 0),
+        # Beam's own counters where the runner reports them (DaskRunner reports none).
+        "beam_counters": _counter_values(results),
     }
 
 

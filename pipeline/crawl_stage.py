@@ -102,6 +102,7 @@ class CrawlChunk(beam.DoFn):
         self.fetcher.close()
 
     def process(self, chunk: int):
+        self._requests = 0  # counted in the output too: some runners report no metrics
         path = self.plan.fetched_path(chunk)
         if not storage.exists(path):
             rows = storage.read_parquet(self.plan.input_path(chunk)).to_pylist()
@@ -113,7 +114,7 @@ class CrawlChunk(beam.DoFn):
         else:
             self.chunks_reused.inc()
             return
-        yield {"chunk": chunk, "rows": table.num_rows}
+        yield {"chunk": chunk, "rows": table.num_rows, "requests": self._requests}
 
     def _retry(self, chunk: int, table: pa.Table) -> pa.Table:
         rows = table.to_pylist()
@@ -136,6 +137,7 @@ class CrawlChunk(beam.DoFn):
             results = list(pool.map(self._crawl_row, rows))
         # Beam metrics belong to the bundle's thread: increments from pool threads would be lost.
         self.rows_counter.inc(len(results))
+        self._requests += sum(r["attempts"] or 0 for r in results)
         self.requests_counter.inc(sum(r["attempts"] or 0 for r in results))
         return results
 

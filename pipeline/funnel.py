@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 
 import pyarrow as pa
 
@@ -13,12 +14,23 @@ IMAGE_REASONS = frozenset({"min_side", "max_side", "aspect_ratio"})
 DUPLICATE_AFTER_FETCH = frozenset({"duplicate_image", "near_duplicate_image", "duplicate_caption"})
 
 
-def funnel_counts(stats: pa.Table) -> list[dict]:
-    """Ordered stages with rows remaining after each; each row leaves at exactly one stage."""
-    pairs = Counter(
-        zip(stats.column("status").to_pylist(), stats.column("reason").to_pylist(), strict=True)
-    )
-    total = stats.num_rows
+def funnel_counts(stats: pa.Table | Mapping[tuple[str, str], int]) -> list[dict]:
+    """Ordered stages with rows remaining after each; each row leaves at exactly one stage.
+
+    From the rows' (status, reason) counts, which the pipeline sums while it writes the stats
+    dataset (no step reads every row back), or from a stats table.
+    """
+    if isinstance(stats, pa.Table):
+        pairs = Counter(
+            zip(
+                stats.column("status").to_pylist(),
+                [r or "" for r in stats.column("reason").to_pylist()],
+                strict=True,
+            )
+        )
+    else:
+        pairs = Counter({(s, r or ""): n for (s, r), n in stats.items()})
+    total = sum(pairs.values())
 
     def removed(pred) -> int:
         return sum(n for (status, reason), n in pairs.items() if pred(status, reason))

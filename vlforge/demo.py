@@ -167,9 +167,10 @@ def truth_agreement(corpus_dir: Path, urls_path: Path) -> dict:
     import pyarrow.parquet as pq
 
     from vlforge.pipeline.filters import caption_key
+    from vlforge.pipeline.stats_dataset import read_stats
     from vlforge.world.mess import KINDS
 
-    stats = pq.read_table(corpus_dir / "stats.parquet").to_pylist()
+    stats = read_stats(corpus_dir / "stats.parquet").to_pylist()
     urls = pq.read_table(urls_path).to_pylist()
     matching, mismatches = 0, {}
     kept_captions: set[str] = set()

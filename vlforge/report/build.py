@@ -257,7 +257,7 @@ def write_report(
     started = time.time()
     sources = locate(Path(corpus), Path(run) if run is not None else None, shards)
     say(f"corpus {sources.corpus}: reading manifest.json and stats.parquet")
-    if not (sources.corpus / "stats.parquet").is_file():
+    if not (sources.corpus / "stats.parquet").exists():  # a dataset directory (or older file)
         raise UserError(f"--corpus {sources.corpus}: stats.parquet is missing")
     figures = corpus_figures(sources.corpus, sources.manifest)
     say(f"scanning {len(sources.shards)} shard(s) from the {sources.shard_origin}")

@@ -13,10 +13,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from vlforge.errors import UserError
 from vlforge.pipeline.funnel import CAPTION_REASONS, DUPLICATE_AFTER_FETCH, IMAGE_REASONS
+from vlforge.pipeline.stats_dataset import read_stats
 
 # A web-scale crawl has thousands of hosts; the page lists the ones that failed most.
 TOP_HOSTS = 25
@@ -139,8 +139,10 @@ def _caption_words(caption: str | None) -> int:
 def corpus_figures(corpus: Path, manifest: dict) -> CorpusFigures:
     stats_path = corpus / "stats.parquet"
     try:
-        present = set(pq.read_schema(stats_path).names)
-        arrow = pq.read_table(stats_path, columns=[c for c in STATS_COLUMNS if c in present])
+        # A dataset directory (one part per chunk) or an older single file.
+        arrow = read_stats(stats_path)
+        present = set(arrow.column_names)
+        arrow = arrow.select([c for c in STATS_COLUMNS if c in present])
     except (OSError, pa.ArrowException) as err:
         raise UserError(f"{stats_path}: not a readable parquet file ({err})") from None
     if "status" not in present:

@@ -85,7 +85,7 @@ def find_corpus(path: Path) -> tuple[Path, dict, dict[str, Path]]:
     for _ in range(len(STAGE_ORDER)):
         manifest = read_manifest(here)
         stage = (manifest or {}).get("stage")
-        if stage == "corpus" or (manifest is not None and (here / "stats.parquet").is_file()):
+        if stage == "corpus" or (manifest is not None and (here / "stats.parquet").exists()):
             return here, manifest or {}, met
         if stage in STAGE_ORDER:
             met[stage] = here
