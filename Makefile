@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench bench-recipes world corpus report clean
+.PHONY: install demo test lint format bench bench-recipes gpu-check world corpus report clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ bench: $(STAMP)
 # The suite table (all recipes, same budget, on the demo world's shards): run `make demo` first.
 bench-recipes: $(STAMP)
 	$(BIN)/python bench/bench_recipes.py
+
+# A few minutes on a CUDA GPU: featurize, three recipes' train steps and ZeRO-3 run there.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 world: $(STAMP)
 	$(BIN)/vlforge world make --n 1000 --seed 0 --out runs/world/urls.parquet
