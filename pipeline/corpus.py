@@ -1,6 +1,9 @@
 """`vlforge corpus`: URL lists → crawled, filtered, deduplicated WebDataset shards, on Beam.
 
-The flow (each step a small transform in its own module), as two Beam pipelines:
+The flow (each step a small transform in its own module), as Beam pipelines:
+  plan:     (first run only) the workers read the lists piece by piece, mark repeated URLs by a
+            keyed min-combiner and write the work chunks (pipeline/plan_stage.py); the launcher
+            knows only the lists' metadata (pipeline/input_splits.py)
   crawl:    chunks not yet done → CrawlChunk (fetch, check, resize, filter; one checkpoint each)
   assemble: every checkpoint → ReadChunkRecords → MarkExactDuplicates(image) →
             MarkNearDuplicates(phash) → MarkExactDuplicates(caption) → AssignShards →
@@ -44,11 +47,11 @@ from vlforge.pipeline.dask_fixes import close_client, spread
 from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates
 from vlforge.pipeline.filters import caption_key
 from vlforge.pipeline.funnel import funnel_counts
-from vlforge.pipeline.input_lists import read_rows
+from vlforge.pipeline.input_lists import inspect_list, resolve_paths
 from vlforge.pipeline.redact import redact
 from vlforge.pipeline.shard_writer import AssignShards, WriteShard
 from vlforge.pipeline.stats_dataset import STATS_NAME, part_name, stats_parts
-from vlforge.pipeline.work_plan import WorkPlan, normalize_rows, prepare
+from vlforge.pipeline.work_plan import InputSpec, WorkPlan, prepare
 from vlforge.versions import package_versions
 
 # One row per input row: the checkpoint's record columns (no image bytes, no raw extra
@@ -309,20 +312,28 @@ def run_corpus(config: CorpusConfig) -> dict:
     if config.shard_size < 1 or config.chunk_size < 1:
         raise UserError("--shard-size and --chunk-size must be positive")
     config = replace(config, out=_check_out(config, options))
-    rows = normalize_rows(read_rows(config.urls, config.url_col, config.caption_col))
-    if rows.num_rows == 0:
-        raise UserError(f"{config.urls}: the list has no rows")
-    storage.makedirs(config.out)
+    # Metadata only (footers, headers, digests): the rows are read by the workers.
+    files = [
+        inspect_list(path, config.url_col, config.caption_col)
+        for path in resolve_paths(config.urls)
+    ]
+    spec = InputSpec(
+        config.urls, files, config.url_col, config.caption_col, config.crawl.filters.dedup_urls
+    )
     settings = {
         "fetch": asdict(config.crawl.fetch),
         "resize": asdict(config.crawl.resize),
         "filters": asdict(config.crawl.filters),
     }
-    plan = prepare(config.out, rows, config.chunk_size, settings, config.overwrite)
-    del rows
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
+
+    def run_plan(build, items: int) -> None:
+        # Like the assemble step: in this process on DirectRunner, on the cluster elsewhere.
+        _run(spread(assemble_options(options), items), build)
+
+    plan = prepare(config.out, spec, config.chunk_size, settings, config.overwrite, run_plan)
     done_before = plan.done_chunks()
     planned = time.time()
-    logging.getLogger("apache_beam").setLevel(logging.ERROR)
     local = is_local(options)
     todo = sorted(set(range(plan.n_chunks)) - (set() if config.crawl.retry_failed else done_before))
     worker_log = (

@@ -8,7 +8,6 @@ import pytest
 from vlforge.errors import UserError
 from vlforge.pipeline.input_lists import read_rows
 from vlforge.pipeline.urls import normalize_url, sample_key
-from vlforge.pipeline.work_plan import normalize_rows
 
 ROWS = [
     {"url": "http://a.example/1.jpg", "caption": "a red star", "score": 0.5},
@@ -70,22 +69,11 @@ def test_unknown_extension(tmp_path):
         read_rows(str(path))
 
 
-def test_url_normalization_and_duplicate_marking(tmp_path):
+def test_url_normalization():
     assert normalize_url("HTTP://Example.COM:80/a.jpg#frag") == "http://example.com/a.jpg"
     assert normalize_url("https://example.com:8443/a?b=1") == "https://example.com:8443/a?b=1"
     assert sample_key("http://example.com/a.jpg") == sample_key("http://example.com/a.jpg")
-    path = tmp_path / "l.jsonl"
-    urls = [
-        "http://x.org/a.jpg",
-        "http://X.org:80/a.jpg",
-        "http://x.org/b.jpg",
-        "http://x.org/a.jpg",
-    ]
-    _write(pd.DataFrame({"url": urls, "caption": ["c"] * 4}), path)
-    rows = normalize_rows(read_rows(str(path)))
-    assert rows.column("dup_of").to_pylist() == [-1, 0, -1, 0]
-    keys = rows.column("key").to_pylist()
-    assert keys[0] == keys[1] == keys[3] != keys[2]
+    # Repeated URLs are marked by the planning pipeline: tests/test_input_planning.py.
 
 
 def test_urls_a_browser_treats_as_one_get_one_key():
