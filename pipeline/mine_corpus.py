@@ -1,15 +1,26 @@
-"""The corpus every shard is mined against, built once from all ShardScans (one Beam element).
+"""The search index every shard is mined against, built from text buckets, never from one list.
 
-Nearest neighbours need the whole corpus in one index, so this is the stage's one global step:
-distinct caption texts and tag texts with their members and rings (mine_groups), exact TF-IDF
-rows (for the rerank), the SVD reducer, and the trained faiss index serialised so that every
-worker searches the same index without training its own. Per-sample columns (keys, captions,
-image ids) are held for the whole corpus because a neighbour or a ring partner may sit in any
-shard.
+Per space (captions, tags), from the TextBuckets (mine_buckets):
+- the SVD reducer, fitted on the `svd_sample` distinct texts of lowest seeded hash, kept by a
+  combiner that holds at most that many (LowestHashes);
+- the faiss index trained on a deterministic sample of the texts' vectors: those whose hash is
+  below a threshold set for training_size(n) of them (a little more, cut to exactly that many
+  at training), so at most ~39 vectors per IVF list whatever the corpus;
+- then filled bucket by bucket (neighbours.fill_part), the parts merged in bucket order, with
+  the numeric per-text columns the search step reads: exact TF-IDF rows (the rerank), (text,
+  image) codes ("this text shows the image"), each text's representative's image, and the
+  texts' checkable claims (mine_filter) as integer arrays.
+
+That one element per space is the search step's side input: vectors, ids and numbers; no key,
+caption or text (the search step asks for those by row id, mine_buckets.resolve). The one
+exception is `text_graphs`, compact scene graphs of each text, kept only when some sample has no
+tags.json (those pairs take the Python certainly_false, which reads graphs).
 """
 
 from __future__ import annotations
 
+import heapq
+import zlib
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -17,166 +28,280 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.preprocessing import normalize
 
+from vlforge.pipeline.mine_buckets import CAPTIONS, TextBucket, pair_codes
 from vlforge.pipeline.mine_config import MineConfig
 from vlforge.pipeline.mine_filter import Claims, Relations, encode_claims
-from vlforge.pipeline.mine_groups import TextGroups, group_texts
-from vlforge.pipeline.mine_scan import CorpusColumns, CorpusStats, PickledBatch, gc_paused
-from vlforge.pipeline.neighbours import NeighbourIndex
-from vlforge.pipeline.tfidf import Reducer, fit_reducer, idf_from_df, stable_hash
+from vlforge.pipeline.mine_scan import CorpusStats, PickledBatch
+from vlforge.pipeline.neighbours import (
+    fill_part,
+    index_kind,
+    merge_parts,
+    train_index,
+    training_size,
+)
+from vlforge.pipeline.tfidf import Reducer, fit_reducer, idf_from_df
 
-POSITIVE_MEMBERS = 16  # samples of one near-duplicate text a neighbour carries as positives
+_HASH_SPACE = 1 << 64
 
 
 @dataclass
-class SearchSpace:
-    """One kind of text (captions or tags): groups, exact rows, reducer and index."""
+class SearchIndex:
+    """One space's index and per-text numbers, by global row id (mine_buckets.RowStarts)."""
 
-    groups: TextGroups
-    sparse: sp.csr_matrix  # L2-normalised TF-IDF, one row per distinct text
+    space: str
+    n: int
     reducer: Reducer
-    index: np.ndarray | None  # NeighbourIndex.to_bytes(); None when there is no text
+    index: np.ndarray  # serialised faiss index; its ids are the rows
+    sparse: sp.csr_matrix  # L2-normalised TF-IDF, one row per distinct text
+    pair_codes: np.ndarray  # sorted uint64 pair_codes(row, image) over all members
+    first_image: np.ndarray  # int64 per row: its representative's image
+    claims: Claims | None  # captions, when some sample has tags
+    text_graphs: list | None  # captions, only when some sample has no tags (see above)
     fingerprint: int  # identifies the index, so a worker deserialises it once
-    pair_codes: np.ndarray  # sorted row * n_images + image over all members: "has this image"
 
 
-@dataclass
-class Corpus:
-    shard_start: dict[str, int]  # first corpus sample id of each shard's scan
-    keys: list[str]
-    captions: list[str]
-    images: np.ndarray  # int64 image id per sample
-    n_images: int
-    captions_space: SearchSpace
-    tags_space: SearchSpace
-    vocabulary: dict  # SlotVocabulary.table
-    detectable: list[str] | None  # every tag name in the corpus; None when no sample has tags
-    claims: Claims | None  # the caption texts' checkable claims (None without detectable names)
-    # Each caption text's compact graph, kept only when some sample has no tags (or no sample
-    # has any): those pairs take the Python certainly_false.
-    text_graphs: list | None
-    relations: Relations
+def space_idf(stats: CorpusStats, space: str) -> np.ndarray:
+    if space == CAPTIONS:
+        return idf_from_df(stats.caption_df, stats.n_captions)
+    return idf_from_df(stats.tag_df, stats.n_tags)
 
 
-def _tfidf_rows(counts: sp.csr_matrix, idf: np.ndarray) -> sp.csr_matrix:
+def tfidf_rows(counts: sp.csr_matrix, idf: np.ndarray) -> sp.csr_matrix:
     """tfidf.tfidf() from counts already hashed: sublinear TF, IDF, L2."""
+    if not counts.shape[0]:
+        return counts.astype(np.float32)
     rows = counts.astype(np.float32, copy=True)
     np.log1p(rows.data, out=rows.data)
     rows.data *= idf[rows.indices]
     return normalize(rows, norm="l2", copy=False).astype(np.float32)
 
 
-def _space(
-    groups: TextGroups,
-    counts: sp.csr_matrix,
-    idf: np.ndarray,
-    images: np.ndarray,
-    n_images: int,
+# ---- the SVD sample ---------------------------------------------------------------------------
+
+
+def svd_candidates(bucket: TextBucket, limit: int):
+    """A bucket's `limit` texts of lowest hash: (space, [(hash, text, counts row)])."""
+    order = np.argsort(bucket.hashes, kind="stable")[:limit]
+    texts = bucket.groups.texts
+    yield (
+        bucket.space,
+        [(int(bucket.hashes[r]), texts[r], bucket.counts[int(r)]) for r in order.tolist()],
+    )
+
+
+class LowestHashes(beam.CombineFn):
+    """Lists of (hash, text, payload) → the `limit` of lowest (hash, text): bounded state."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def create_accumulator(self):
+        return []
+
+    def _cut(self, items):
+        return heapq.nsmallest(self.limit, items, key=lambda x: (x[0], x[1]))
+
+    def add_input(self, acc, items):
+        return self._cut(acc + list(items))
+
+    def merge_accumulators(self, accumulators):
+        return self._cut([x for acc in accumulators for x in acc])
+
+    def extract_output(self, acc):
+        return acc
+
+    def get_accumulator_coder(self) -> beam.coders.Coder:
+        return PickledBatch()
+
+
+def fit_space_reducer(item, stats: CorpusStats, config: MineConfig):
+    """(space, sampled texts) → (space, Reducer), fitted on the sample in text order."""
+    space, sample = item
+    sample = sorted(sample, key=lambda x: x[1])
+    counts = sp.vstack([x[2] for x in sample], format="csr")
+    rows = tfidf_rows(counts, space_idf(stats, space))
+    return space, fit_reducer(rows, config.dim, config.svd_columns, config.seed)
+
+
+# ---- training on a sample -----------------------------------------------------------------
+
+
+def _vectors(space: str, counts: sp.csr_matrix, reducer: Reducer, stats: CorpusStats):
+    sparse = tfidf_rows(counts, space_idf(stats, space))
+    return sparse, reducer.transform(sparse)
+
+
+def train_candidates(bucket: TextBucket, reducers: dict, stats: CorpusStats, starts, config):
+    """The bucket's vectors whose hash falls under the training sample's threshold."""
+    n = starts.total(bucket.space)
+    wanted = training_size(n, config.neighbours)
+    if not wanted:
+        return
+    # A little above wanted/n, so that (almost surely) at least `wanted` pass; cut at training.
+    share = min(1.0, (wanted * 1.05 + 64) / n)
+    threshold = np.uint64(min(_HASH_SPACE - 1, int(share * _HASH_SPACE)))
+    chosen = np.flatnonzero(bucket.hashes <= threshold)
+    if not len(chosen):
+        return
+    _, dense = _vectors(bucket.space, bucket.counts[chosen], reducers[bucket.space], stats)
+    yield bucket.space, (bucket.hashes[chosen], dense)
+
+
+class ConcatSamples(beam.CombineFn):
+    """(hashes, vectors) parts → one (hashes, vectors) pair (bounded: see train_candidates)."""
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, part):
+        acc.append(part)
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        return [p for acc in accumulators for p in acc]
+
+    def extract_output(self, acc):
+        return acc
+
+    def get_accumulator_coder(self) -> beam.coders.Coder:
+        return PickledBatch()
+
+
+def train_space(item, starts, config: MineConfig):
+    """(space, sampled parts) → (space, trained empty index): the `wanted` lowest hashes."""
+    space, parts = item
+    hashes = np.concatenate([h for h, _ in parts])
+    vectors = np.concatenate([v for _, v in parts])
+    n = starts.total(space)
+    wanted = training_size(n, config.neighbours)
+    # Hashes of distinct texts differ (64 bits): sorted by hash, the sample's order is fixed
+    # whatever order the buckets arrived in.
+    order = np.argsort(hashes, kind="stable")[:wanted]
+    return space, train_index(n, vectors[order], config.neighbours)
+
+
+# ---- filling, bucket by bucket --------------------------------------------------------------
+
+
+@dataclass
+class IndexPart:
+    space: str
+    bucket: int
+    start: int
+    sparse: sp.csr_matrix
+    vectors: np.ndarray | None  # the flat index's vectors (it is filled in row order)
+    faiss_part: np.ndarray | None  # IVF: the trained index with this bucket's vectors
+    pair_codes: np.ndarray
+    first_image: np.ndarray
+    claims: Claims | None
+    graphs: list | None
+
+
+def index_part(
+    bucket: TextBucket,
+    reducers: dict,
+    trained: dict,
+    stats: CorpusStats,
+    starts,
     config: MineConfig,
-) -> SearchSpace:
-    """counts: hashed term counts, one row per distinct text (row order of `groups`)."""
-    sparse = _tfidf_rows(counts, idf) if counts.shape[0] else counts.astype(np.float32)
-    texts = groups.texts
-    # The SVD sample: the svd_sample texts of lowest seeded hash (a deterministic sample), in
-    # text order. Rows are in text order already, so sorting row ids sorts the texts.
-    hashes = np.fromiter((stable_hash(t, config.seed) for t in texts), np.uint64, len(texts))
-    if len(texts) > config.svd_sample:
-        chosen = np.sort(np.argsort(hashes, kind="stable")[: config.svd_sample])
+    relations: Relations,
+):
+    """TextBucket → (space, IndexPart): its rows' vectors in the index, and their numbers."""
+    space = bucket.space
+    start = starts.start(space, bucket.bucket)
+    sparse, dense = _vectors(space, bucket.counts, reducers[space], stats)
+    rows = start + np.arange(bucket.size, dtype=np.int64)
+    n = starts.total(space)
+    flat = index_kind(n, config.neighbours) == "flat"
+    groups = bucket.groups
+    member_rows = start + groups.row[groups.members]
+    claims = graphs = None
+    if space == CAPTIONS:
+        if stats.tag_names:
+            name_id = {name: i for i, name in enumerate(stats.tag_names)}
+            claims = encode_claims(bucket.graphs, name_id, relations)
+        if not stats.tag_names or stats.n_untagged:
+            graphs = bucket.graphs
+    yield (
+        space,
+        IndexPart(
+            space=space,
+            bucket=bucket.bucket,
+            start=start,
+            sparse=sparse,
+            vectors=dense if flat else None,
+            faiss_part=None if flat else fill_part(trained[space], rows, dense),
+            pair_codes=pair_codes(member_rows, bucket.images[groups.members]),
+            first_image=bucket.images[groups.first],
+            claims=claims,
+            graphs=graphs,
+        ),
+    )
+
+
+def concat_claims(parts: list[Claims]) -> Claims:
+    """Claims of consecutive row ranges → the Claims of all of them."""
+
+    def ptr(name: str) -> np.ndarray:
+        out, base = [np.zeros(1, np.int64)], 0
+        for c in parts:
+            p = getattr(c, name)
+            out.append(p[1:] + base)
+            base += int(p[-1])
+        return np.concatenate(out)
+
+    def cat(name: str, dtype) -> np.ndarray:
+        return np.concatenate([getattr(c, name) for c in parts] or [np.zeros(0, dtype)])
+
+    return Claims(
+        has_objects=cat("has_objects", bool),
+        obj_ptr=ptr("obj_ptr"),
+        obj_name=cat("obj_name", np.int64),
+        obj_need=cat("obj_need", np.int64),
+        attr_ptr=ptr("attr_ptr"),
+        attr_name=cat("attr_name", np.int64),
+        attr_id=cat("attr_id", np.int64),
+        rel_ptr=ptr("rel_ptr"),
+        rel_s=cat("rel_s", np.int64),
+        rel_r=cat("rel_r", np.int64),
+        rel_o=cat("rel_o", np.int64),
+    )
+
+
+def assemble(item, reducers: dict, trained: dict, starts, config: MineConfig):
+    """(space, [IndexPart]) → (space, SearchIndex), parts taken in bucket (= row) order."""
+    import faiss
+
+    space, parts = item
+    parts = sorted(parts, key=lambda p: p.bucket)
+    n = starts.total(space)
+    assert sum(p.sparse.shape[0] for p in parts) == n and all(
+        p.start == q.start + q.sparse.shape[0] for q, p in zip(parts, parts[1:], strict=False)
+    ), "index parts must cover the rows once, in order"
+    reducer = reducers[space]
+    if index_kind(n, config.neighbours) == "flat":
+        index = faiss.IndexFlatIP(reducer.dim)
+        index.add(np.ascontiguousarray(np.concatenate([p.vectors for p in parts]), np.float32))
     else:
-        chosen = np.arange(len(texts))
-    if len(texts):
-        reducer = fit_reducer(sparse[chosen], config.dim, config.svd_columns, config.seed)
-        dense = reducer.transform(sparse)
-        index = NeighbourIndex(dense, config.neighbours).to_bytes()
-    else:
-        reducer = Reducer(np.zeros(1, np.int64), np.zeros((1, 1), np.float32))
-        index = None
-    sizes = np.diff(groups.offsets)
-    rows = np.repeat(np.arange(len(texts), dtype=np.int64), sizes)
-    pair_codes = np.unique(rows * n_images + images[groups.members])
-    return SearchSpace(
-        groups=groups,
-        sparse=sparse,
+        index = merge_parts(trained[space], [p.faiss_part for p in parts])
+    data = faiss.serialize_index(index)
+    claims = [p.claims for p in parts]
+    graphs = [p.graphs for p in parts]
+    return space, SearchIndex(
+        space=space,
+        n=n,
         reducer=reducer,
-        index=index,
-        fingerprint=stable_hash("\n".join(texts), config.seed),
-        pair_codes=pair_codes,
+        index=data,
+        sparse=sp.vstack([p.sparse for p in parts], format="csr"),
+        pair_codes=np.sort(np.concatenate([p.pair_codes for p in parts])),
+        first_image=np.concatenate([p.first_image for p in parts]),
+        claims=concat_claims(claims) if all(c is not None for c in claims) else None,
+        text_graphs=[g for part in graphs for g in part]
+        if all(g is not None for g in graphs)
+        else None,
+        fingerprint=(zlib.crc32(data.tobytes()) << 32) | zlib.crc32(space.encode()),
     )
 
 
-def build_corpus(
-    scans: list[CorpusColumns], stats: CorpusStats, config: MineConfig, opposite, asymmetric
-) -> Corpus:
-    """Every shard's columns (any order) + corpus statistics → the Corpus side input."""
-    with gc_paused():
-        return _build_corpus(scans, stats, config, opposite, asymmetric)
-
-
-def _build_corpus(
-    scans: list[CorpusColumns], stats: CorpusStats, config: MineConfig, opposite, asymmetric
-) -> Corpus:
-    scans = sorted(scans, key=lambda s: s.shard)
-    shard_start, keys, captions, texts, image_names, tag_texts = {}, [], [], [], [], []
-    for scan in scans:
-        shard_start[scan.shard] = len(keys)
-        keys += scan.keys
-        captions += scan.captions
-        texts += scan.texts
-        image_names += scan.images
-        tag_texts += scan.tag_texts
-    graphs = [g for scan in scans for g in scan.graphs]
-    image_id: dict[str, int] = {}
-    images = np.fromiter(
-        (image_id.setdefault(name, len(image_id)) for name in image_names),
-        np.int64,
-        len(image_names),
-    )
-    n_images = max(1, len(image_id))
-
-    caption_groups = group_texts(texts, keys, config.seed)
-    caption_counts = sp.vstack([s.caption_counts for s in scans], format="csr")
-    captions_space = _space(
-        caption_groups,
-        caption_counts[caption_groups.first] if len(caption_groups.texts) else caption_counts,
-        idf_from_df(stats.caption_df, stats.n_captions),
-        images,
-        n_images,
-        config,
-    )
-    tag_groups = group_texts([t or None for t in tag_texts], keys, config.seed)
-    # tag_counts hold rows only for samples with a tag text: map sample id → its row there.
-    has_tag_text = np.fromiter((bool(t) for t in tag_texts), bool, len(tag_texts))
-    tag_row = np.cumsum(has_tag_text) - 1
-    tag_counts = sp.vstack([s.tag_counts for s in scans], format="csr")
-    tags_space = _space(
-        tag_groups,
-        tag_counts[tag_row[tag_groups.first]] if len(tag_groups.texts) else tag_counts,
-        idf_from_df(stats.tag_df, stats.n_tags),
-        images,
-        n_images,
-        config,
-    )
-    detectable = stats.tag_names or None
-    relations = Relations(opposite, asymmetric)
-    text_graphs = [graphs[i] for i in caption_groups.first.tolist()]
-    claims = None
-    if detectable is not None:
-        name_id = {n: i for i, n in enumerate(detectable)}
-        claims = encode_claims(text_graphs, name_id, relations)
-    untagged = any(not scan.has_tags.all() for scan in scans)
-    return Corpus(
-        shard_start=shard_start,
-        keys=keys,
-        captions=captions,
-        images=images,
-        n_images=n_images,
-        captions_space=captions_space,
-        tags_space=tags_space,
-        vocabulary=stats.vocabulary,
-        detectable=detectable,
-        claims=claims,
-        relations=relations,
-        text_graphs=text_graphs if claims is None or untagged else None,
-    )
-
-
-beam.coders.registry.register_coder(Corpus, PickledBatch)
+for _type in (SearchIndex, IndexPart):
+    beam.coders.registry.register_coder(_type, PickledBatch)

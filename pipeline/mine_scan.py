@@ -126,7 +126,7 @@ def approximate_size(value: Any) -> int:
         return int(value.data.nbytes + value.indices.nbytes + value.indptr.nbytes)
     if isinstance(value, list | tuple):
         if value and not isinstance(value[0], str | int | float | tuple | None):
-            return sum(approximate_size(v) for v in value)  # e.g. a list of CorpusColumns
+            return sum(approximate_size(v) for v in value)  # e.g. a list of TextParts
         return 64 * len(value)
     if dataclasses.is_dataclass(value):
         return sum(approximate_size(getattr(value, f.name)) for f in dataclasses.fields(value))
@@ -154,22 +154,6 @@ class ShardScan:
 
 
 @dataclass
-class CorpusColumns:
-    """The part of a ShardScan that build_corpus reads (no tar index, no per-shard sums)."""
-
-    shard: str
-    keys: list[str]
-    captions: list[str]
-    texts: list[str]
-    images: list[str]
-    graphs: list[Graph | None]
-    tag_texts: list[str]
-    has_tags: np.ndarray
-    caption_counts: sp.csr_matrix
-    tag_counts: sp.csr_matrix
-
-
-@dataclass
 class MineInput:
     """The part of a ShardScan that the second pass reads: where each sample lies in the tar.
 
@@ -182,25 +166,11 @@ class MineInput:
     rows: np.ndarray
     keys: list[str]
     captions: list[str]
-
-
-def corpus_columns(scan: ShardScan) -> CorpusColumns:
-    return CorpusColumns(
-        shard=scan.shard,
-        keys=scan.keys,
-        captions=scan.captions,
-        texts=scan.texts,
-        images=scan.images,
-        graphs=scan.graphs,
-        tag_texts=scan.tag_texts,
-        has_tags=scan.has_tags,
-        caption_counts=scan.caption_counts,
-        tag_counts=scan.tag_counts,
-    )
+    images: list[str] = field(default_factory=list)
 
 
 def mine_input(scan: ShardScan) -> MineInput:
-    return MineInput(scan.shard, scan.index, scan.rows, scan.keys, scan.captions)
+    return MineInput(scan.shard, scan.index, scan.rows, scan.keys, scan.captions, scan.images)
 
 
 def scan_shard(path: str, n_features: int = N_FEATURES) -> ShardScan:
@@ -274,26 +244,28 @@ class CorpusStats:
     caption_df: np.ndarray
     n_tags: int
     tag_df: np.ndarray
-    vocabulary: dict
+    vocabulary: dict  # SlotVocabulary.table, capped (cap_vocabulary)
     tag_names: list[str]
-
-
-class AllColumns(beam.combiners.ToListCombineFn):
-    """Every shard's CorpusColumns in one list (the corpus is built from all of them)."""
-
-    def get_accumulator_coder(self) -> beam.coders.Coder:
-        return PickledBatch()
+    n_untagged: int = 0  # samples without a tags.json
 
 
 class SumStats(beam.CombineFn):
-    """ShardScans → CorpusStats (document frequencies summed as dense int64 vectors)."""
+    """ShardScans → CorpusStats: per-shard partial counts summed, never the shards themselves.
 
-    def __init__(self, n_features: int = N_FEATURES):
+    Document frequencies are dense int64 vectors over the hashed terms (N_FEATURES: bounded
+    whatever the corpus); the slot vocabulary is capped at extraction (cap_vocabulary).
+    """
+
+    def __init__(
+        self, n_features: int = N_FEATURES, max_names: int = 20_000, max_surfaces: int = 8
+    ):
         self.n_features = n_features
+        self.max_names = max_names
+        self.max_surfaces = max_surfaces
 
     def create_accumulator(self):
         zeros = np.zeros(self.n_features, np.int64)
-        return [0, zeros, 0, zeros.copy(), SlotVocabulary(), set()]
+        return [0, zeros, 0, zeros.copy(), SlotVocabulary(), set(), 0]
 
     def add_input(self, acc, scan: ShardScan):
         acc[0] += scan.caption_counts.shape[0]
@@ -302,6 +274,7 @@ class SumStats(beam.CombineFn):
         acc[3] += np.bincount(scan.tag_counts.indices, minlength=self.n_features)
         acc[4].merge(SlotVocabulary(scan.vocabulary))
         acc[5] |= scan.tag_names
+        acc[6] += int((~scan.has_tags).sum())
         return acc
 
     def merge_accumulators(self, accumulators):
@@ -314,14 +287,33 @@ class SumStats(beam.CombineFn):
             merged[3] += other[3]
             merged[4].merge(other[4])
             merged[5] |= other[5]
+            merged[6] += other[6]
         return merged
 
     def get_accumulator_coder(self) -> beam.coders.Coder:
         return PickledBatch()
 
     def extract_output(self, acc) -> CorpusStats:
-        return CorpusStats(acc[0], acc[1], acc[2], acc[3], acc[4].table, sorted(acc[5]))
+        vocabulary = cap_vocabulary(acc[4].table, self.max_names, self.max_surfaces)
+        return CorpusStats(acc[0], acc[1], acc[2], acc[3], vocabulary, sorted(acc[5]), acc[6])
 
 
-for _type in (ShardScan, CorpusColumns, MineInput, CorpusStats):
+def cap_vocabulary(table: dict, max_names: int, max_surfaces: int) -> dict:
+    """The slot vocabulary cut to each kind's `max_names` commonest names (ties by name) and
+    each form's `max_surfaces` commonest surfaces (ties by surface): the same table whatever
+    order the shards were combined in, and bounded whatever the corpus' size."""
+    out: dict = {}
+    for kind, names in table.items():
+        totals = {n: sum(sum(s.values()) for s in forms.values()) for n, forms in names.items()}
+        kept = sorted(totals, key=lambda n: (-totals[n], n))[:max_names]
+        out[kind] = {}
+        for name in sorted(kept):
+            out[kind][name] = {
+                form: dict(sorted(surfaces.items(), key=lambda kv: (-kv[1], kv[0]))[:max_surfaces])
+                for form, surfaces in sorted(names[name].items())
+            }
+    return out
+
+
+for _type in (ShardScan, MineInput, CorpusStats):
     beam.coders.registry.register_coder(_type, PickledBatch)

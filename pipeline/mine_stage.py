@@ -1,15 +1,22 @@
 """`vlforge mine`: TF-IDF hard negatives, retrieved positives and scene-graph rewrites per sample.
 
 MineShards is the composite transform (shard paths in, written shards out), usable inside the
-one pipeline; run_mine wraps it with a manifest and progress. Elements are shards, not samples:
-per-element overhead and per-candidate Python checks were most of the old stage's cost.
+one pipeline; run_mine wraps it with a manifest and progress. Elements are shards, text buckets
+or index parts, never samples (per-element overhead was most of an older stage's cost), and no
+element holds every caption:
 
-  shards ─ ScanShards (one read: captions, graphs, tags, term counts, tar byte index) ─┐
-     ├─ SumStats (combiner): document frequencies → IDF, slot vocabulary, detector names  │
-     ├─ CorpusColumns ─ AllColumns (combiner) ─ build_corpus (side input): distinct       │
-     │    texts, TF-IDF rows, SVD, faiss index                                            │
-     └─ MineInput (tar index) ─ MineShards per shard: batched faiss search + exact rerank,│
-        vectorised filters, positives, rewrites → the input tar's bytes + mine.json ──────┘
+  shards ─ ScanShards (one read: captions, graphs, tags, term counts, tar byte index)
+     ├─ SumStats (combiner of per-shard sums): document frequencies → IDF, slot vocabulary
+     │    (capped), detector names
+     ├─ TextParts ─ GroupByKey(text bucket) ─ TextBucket: a bucket's texts, members, rings
+     │    ├─ RowStarts (combiner of bucket sizes): contiguous global row ids
+     │    ├─ SampleRows, keyed by shard: each sample's text row and ring partners
+     │    └─ per space: SVD on the lowest-hash texts (bounded combiner), k-means on a bounded
+     │       sample, index filled bucket by bucket → SearchIndex (side input: vectors, ids,
+     │       TF-IDF rows, claims; no texts)
+     ├─ CoGroupByKey(shard) ─ SearchShards: batched faiss search + exact rerank, vectorised
+     │    filters → chosen rows; their texts asked of their buckets (CoGroupByKey(bucket))
+     └─ CoGroupByKey(shard) ─ WriteShards: the input tar's bytes + mine.json, parquet counts
 
 Elements are coded with mine_scan.PickledBatch, and per-shard work runs with the cyclic garbage
 collector paused (mine_scan.gc_paused); their docstrings say why.
@@ -152,50 +159,139 @@ def certainly_false(
     return False
 
 
-class MineShards(beam.PTransform):
-    """Shard paths → {"shard", "samples"} for each shard written to `out` with mine.json added."""
+def _sample_rows(bucket, starts, config: MineConfig):
+    from vlforge.pipeline.mine_buckets import CAPTIONS, sample_rows
 
-    def __init__(self, out: str, config: MineConfig = MineConfig()):
+    limit = config.k_positives if bucket.space == CAPTIONS else config.k_image_positives
+    return sample_rows(bucket, starts, limit)
+
+
+def _keyed_bucket(bucket):
+    return (bucket.space, bucket.bucket), bucket
+
+
+def _keyed_search(search):
+    return search.scan.shard, search
+
+
+def _keyed_input(scan):
+    from vlforge.pipeline.mine_scan import mine_input
+
+    return scan.shard, mine_input(scan)
+
+
+def _bucket_size(bucket):
+    return (bucket.space, bucket.bucket), bucket.size
+
+
+class MineShards(beam.PTransform):
+    """Shard paths → {"shard", "samples"} for each shard written to `out` with mine.json added.
+
+    `n_buckets`: how many text buckets samples are grouped in (run_mine: one per shard, so a
+    bucket holds about a shard's samples).
+    """
+
+    def __init__(self, out: str, config: MineConfig = MineConfig(), n_buckets: int = 16):
         super().__init__()
         self.out = out
         self.config = config
+        self.n_buckets = max(1, n_buckets)
 
     def expand(self, shards):
-        from vlforge.pipeline.mine_corpus import Corpus, build_corpus
-        from vlforge.pipeline.mine_scan import (
-            AllColumns,
-            CorpusColumns,
-            CorpusStats,
-            MineInput,
-            ScanShards,
-            ShardScan,
-            SumStats,
-            corpus_columns,
-            mine_input,
-        )
-        from vlforge.pipeline.mine_shard import MineShards as MineEach
+        from apache_beam.pvalue import AsDict, AsSingleton
+        from apache_beam.typehints import Any, Tuple
 
+        from vlforge.pipeline.mine_buckets import (
+            ConcatDict,
+            RowStarts,
+            TextBucket,
+            TextPart,
+            group_bucket,
+            resolve,
+            row_starts,
+            text_parts,
+        )
+        from vlforge.pipeline.mine_corpus import (
+            ConcatSamples,
+            LowestHashes,
+            assemble,
+            fit_space_reducer,
+            index_part,
+            svd_candidates,
+            train_candidates,
+            train_space,
+        )
+        from vlforge.pipeline.mine_filter import Relations
+        from vlforge.pipeline.mine_scan import CorpusStats, ScanShards, ShardScan, SumStats
+        from vlforge.pipeline.mine_shard import SearchShards, WriteShards, requests
+
+        config, n_buckets = self.config, self.n_buckets
         # Output types name the elements so that Beam codes them with PickledBatch (their
         # registered coder) rather than measuring each one by pickling it.
         scans = shards | "Scan" >> beam.ParDo(ScanShards()).with_output_types(ShardScan)
         stats = scans | "Stats" >> beam.CombineGlobally(SumStats()).with_output_types(CorpusStats)
-        # Each consumer gets only the columns it reads: whatever crosses a stage is pickled.
-        # without_defaults: a CombineGlobally with a default value re-reads its result as a
-        # side input, and Beam's state cache measures side inputs object by object (objsize):
-        # 12 s per 100,000 samples for the list of every shard's columns.
-        corpus = (
+        stats_side = AsSingleton(stats)
+        # Samples grouped by text, one bucket of texts per element (mine_buckets).
+        buckets = (
             scans
-            | "CorpusColumns" >> beam.Map(corpus_columns).with_output_types(CorpusColumns)
-            | "AllColumns" >> beam.CombineGlobally(AllColumns()).without_defaults()
-            | "Corpus"
-            >> beam.Map(
-                build_corpus, beam.pvalue.AsSingleton(stats), self.config, OPPOSITE, ASYMMETRIC
-            ).with_output_types(Corpus)
+            | "TextParts"
+            >> beam.FlatMap(text_parts, n_buckets, config.seed).with_output_types(
+                Tuple[Tuple[str, int], TextPart]
+            )
+            | "GroupTexts" >> beam.GroupByKey()
+            | "Buckets" >> beam.Map(group_bucket, config.seed).with_output_types(TextBucket)
+        )
+        starts = (
+            buckets
+            | "Sizes" >> beam.Map(_bucket_size)
+            | "AllSizes" >> beam.CombineGlobally(ConcatDict())
+            | "RowStarts" >> beam.Map(row_starts, n_buckets).with_output_types(RowStarts)
+        )
+        starts_side = AsSingleton(starts)
+        # The index per space: reducer from a bounded sample, k-means on a bounded sample,
+        # then filled bucket by bucket (mine_corpus).
+        reducers = AsDict(
+            buckets
+            | "SvdSample" >> beam.FlatMap(svd_candidates, config.svd_sample)
+            | "LowestHashes" >> beam.CombinePerKey(LowestHashes(config.svd_sample))
+            | "Reducer" >> beam.Map(fit_space_reducer, stats_side, config)
+        )
+        trained = AsDict(
+            buckets
+            | "TrainSample"
+            >> beam.FlatMap(train_candidates, reducers, stats_side, starts_side, config)
+            | "AllTrainSample" >> beam.CombinePerKey(ConcatSamples())
+            | "Train" >> beam.Map(train_space, starts_side, config)
+        )
+        relations = Relations(OPPOSITE, ASYMMETRIC)
+        indexes = AsDict(
+            buckets
+            | "Fill"
+            >> beam.FlatMap(
+                index_part, reducers, trained, stats_side, starts_side, config, relations
+            )
+            | "Parts" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
+            | "Index" >> beam.Map(assemble, reducers, trained, starts_side, config)
+        )
+        rows = buckets | "SampleRows" >> beam.FlatMap(_sample_rows, starts_side, config)
+        inputs = scans | "MineInputs" >> beam.Map(_keyed_input).with_output_types(Tuple[str, Any])
+        searched = (
+            {"input": inputs, "rows": rows}
+            | "JoinRows" >> beam.CoGroupByKey()
+            | "Search" >> beam.ParDo(SearchShards(config), indexes, stats_side)
+        )
+        texts = (
+            {
+                "bucket": buckets | "KeyBuckets" >> beam.Map(_keyed_bucket),
+                "requests": searched | "Requests" >> beam.FlatMap(requests, starts_side),
+            }
+            | "JoinTexts" >> beam.CoGroupByKey()
+            | "Resolve" >> beam.FlatMap(resolve, starts_side)
         )
         return (
-            scans
-            | "MineInputs" >> beam.Map(mine_input).with_output_types(MineInput)
-            | "Mine" >> beam.ParDo(MineEach(self.config, self.out), beam.pvalue.AsSingleton(corpus))
+            {"search": searched | "KeySearch" >> beam.Map(_keyed_search), "texts": texts}
+            | "JoinWrite" >> beam.CoGroupByKey()
+            | "Write" >> beam.ParDo(WriteShards(self.config, self.out))
         )
 
 
@@ -278,7 +374,7 @@ def run_mine(
             _ = (
                 pipeline
                 | "Shards" >> beam.Create(shards)
-                | "Mine" >> MineShards(out, config)
+                | "Mine" >> MineShards(out, config, n_buckets=len(shards))
                 | "Written" >> beam.combiners.ToList()
                 | "Record" >> beam.Map(lambda w: storage.write_json(written_path, w))
             )

@@ -1,20 +1,26 @@
 """Inner-product nearest neighbours over unit vectors with faiss, plus an exact sparse rerank.
 
-Index choice (knobs in NeighbourConfig):
-- below `ivf_threshold` vectors: IndexFlatIP, exact;
-- at or above it: an IVF index with nlist = clamp(4 * sqrt(n), 16, 65536) lists and nprobe =
-  32. It keeps whole vectors (no PQ), so its error is mostly probing too few lists; on
-  demo-world captions nprobe=32 gives recall@10 ≈ 0.97-0.98 against the flat index at 100k
-  and at 816k distinct captions (bench/bench_mine.py measures it on every run). k-means trains
-  on `train_size` points per list for `train_iterations` passes: faiss's 256 and 25 made
-  training cost more than searching at 1M vectors; at 816k, 39 points and 5 passes took 16 CPU
-  seconds against 30 for 10 passes, for recall@10 0.9816 against 0.9821. It uses a fixed seed,
-  so the index, and every answer, is the same on each run for the same input order.
-- the IVF lists hold the vectors as float16 (`storage="fp16"`, faiss's scalar quantizer): a
-  query scans 32 lists of ~250 vectors each, so search is bound by memory bandwidth, and half
-  the bytes took a third off the search time at 1M captions with recall@10 unchanged (0.9824
-  vs 0.9825 against the exact index). `storage="flat"` keeps float32 (IndexIVFFlat).
-- on a GPU when faiss was built with one (faiss-gpu): the same index moved with index_cpu_to_all_gpus.
+Index choice (knobs in NeighbourConfig), by the number of vectors n:
+- below `ivf_threshold`: IndexFlatIP, exact;
+- from there to `pq_threshold`: an IVF index with nlist = clamp(4 * sqrt(n), 16, 65536) lists and
+  nprobe = 32, its lists holding whole vectors as float16 (`storage="fp16"`, faiss's scalar
+  quantizer; `storage="flat"` keeps float32). Its error is mostly probing too few lists; on
+  demo-world captions nprobe=32 gives recall@10 ≈ 0.97-0.98 against the flat index at 100k and
+  at 816k distinct captions (bench/bench_mine.py measures it on every run). fp16 took a third
+  off the search time at 1M captions (the search is bound by memory bandwidth) with recall@10
+  unchanged (0.9824 vs 0.9825);
+- at or above `pq_threshold` (2,000,000 vectors: where the fp16 lists, 256 bytes per 128-d
+  vector, pass half a GiB on every worker): IVF-PQ, `pq_bytes` bytes per vector (32: 8x
+  smaller than fp16). Its candidates are approximate, but every candidate is rescored exactly
+  (rerank), so what PQ costs is candidates missed, not wrong scores.
+Training never sees the whole corpus: k-means runs on a deterministic sample of at most
+`train_size` points per list (39, faiss's minimum without a warning; at least 39 * 256 for PQ's
+codebooks) for `train_iterations` passes (faiss's 256 points and 25 passes cost more than all
+the searching at 1M vectors; 39 points and 5 passes gave recall@10 0.9816 against 0.9821). The
+trained, empty index is then filled part by part (`fill_part`, one text bucket at a time) and
+the parts merged in a fixed order (`merge_parts`), so the index, and every answer, is the same
+on each run and on every runner. A fixed k-means seed; on a GPU when faiss was built with one
+(faiss-gpu): the same index moved with index_cpu_to_all_gpus.
 Queries run in batches of `batch_size` so memory stays bounded for any corpus size; `order`
 lets a caller search them grouped by IVF list (see `lists`), so that consecutive queries scan
 the same lists while they are in cache. Each query's answer does not depend on the order.
@@ -41,6 +47,8 @@ class NeighbourConfig:
     train_size: int = 39  # training vectors per list (faiss's minimum without a warning)
     train_iterations: int = 5  # k-means passes; recall depends on nprobe far more than on these
     storage: str = "fp16"  # IVF list vectors: "fp16" (half the bytes to scan) or "flat" (float32)
+    pq_threshold: int = 2_000_000  # at/above this many vectors: IVF-PQ (memory, see above)
+    pq_bytes: int = 32  # bytes per vector in IVF-PQ (sub-quantizers of 8 bits)
 
 
 def gpu_count() -> int:
@@ -54,43 +62,113 @@ def default_nlist(n: int) -> int:
     return int(min(65536, max(16, round(4 * math.sqrt(max(n, 1))))))
 
 
+def index_kind(n: int, config: NeighbourConfig) -> str:
+    """ "flat", "ivf" or "ivfpq" for n vectors."""
+    if n < config.ivf_threshold:
+        return "flat"
+    return "ivfpq" if n >= config.pq_threshold else "ivf"
+
+
+def ivf_nlist(n: int, config: NeighbourConfig) -> int:
+    return min(config.nlist or default_nlist(n), max(1, n // 39))
+
+
+def training_size(n: int, config: NeighbourConfig) -> int:
+    """How many vectors the trainer is given for n vectors (0 for the flat index)."""
+    kind = index_kind(n, config)
+    if kind == "flat":
+        return 0
+    wanted = ivf_nlist(n, config) * config.train_size
+    if kind == "ivfpq":
+        wanted = max(wanted, 39 * 256)  # each PQ codebook has 256 centroids
+    return min(n, wanted)
+
+
+def _pq_subquantizers(dim: int, wanted: int) -> int:
+    m = max(1, min(wanted, dim))
+    while dim % m:  # faiss needs m to divide the dimension
+        m -= 1
+    return m
+
+
+def train_index(n: int, sample: np.ndarray, config: NeighbourConfig) -> np.ndarray:
+    """A trained, empty index for n vectors (serialised), trained on `sample` only."""
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    dim = sample.shape[1]
+    kind = index_kind(n, config)
+    if kind == "flat":
+        return faiss.serialize_index(faiss.IndexFlatIP(dim))
+    nlist = ivf_nlist(n, config)
+    quantizer = faiss.IndexFlatIP(dim)
+    if kind == "ivfpq":
+        m = _pq_subquantizers(dim, config.pq_bytes)
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+    elif config.storage == "fp16":
+        index = faiss.IndexIVFScalarQuantizer(
+            quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
+    elif config.storage == "flat":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"unknown IVF storage {config.storage!r}; use fp16 or flat")
+    index.cp.seed = config.seed
+    # Training is k-means over nlist centroids: at 1M captions (4,000 lists) faiss's defaults
+    # (256 points per list, 25 passes) cost more than all the searching.
+    index.cp.niter = config.train_iterations
+    index.cp.max_points_per_centroid = config.train_size
+    index.train(sample)
+    index.nprobe = min(config.nprobe, nlist)
+    return faiss.serialize_index(index)
+
+
+def fill_part(trained: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """The trained index with only these vectors added (serialised): one part of the index."""
+    index = faiss.deserialize_index(trained)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if isinstance(index, faiss.IndexIVF):
+        index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+    else:
+        raise ValueError("fill_part is for IVF indexes; a flat index takes the vectors in order")
+    return faiss.serialize_index(index)
+
+
+def merge_parts(trained: np.ndarray, parts: list[np.ndarray]):
+    """One index from parts filled from the same trained index, merged in the given order."""
+    index = faiss.deserialize_index(trained)
+    for part in parts:
+        index.merge_from(faiss.deserialize_index(part), 0)
+    return index
+
+
 class NeighbourIndex:
     """Unit vectors (n × d float32) → top-k by inner product (cosine), exact or IVF."""
 
     def __init__(self, vectors: np.ndarray, config: NeighbourConfig = NeighbourConfig()):
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.n, self.dim = vectors.shape
-        self.config = config
-        self.kind = "flat" if self.n < config.ivf_threshold else "ivf"
-        self.nlist: int | None = None
-        if self.kind == "flat":
-            index = faiss.IndexFlatIP(self.dim)
+        n = len(vectors)
+        m = training_size(n, config)
+        # A seeded sample of at most m vectors (in id order): training never needs them all.
+        chosen = np.sort(np.random.default_rng(config.seed).permutation(n)[:m])
+        index = faiss.deserialize_index(train_index(n, vectors[chosen], config))
+        if isinstance(index, faiss.IndexIVF):
+            index.add_with_ids(vectors, np.arange(n, dtype=np.int64))
         else:
-            nlist = min(config.nlist or default_nlist(self.n), max(1, self.n // 39))
-            quantizer = faiss.IndexFlatIP(self.dim)
-            if config.storage == "fp16":
-                index = faiss.IndexIVFScalarQuantizer(
-                    quantizer,
-                    self.dim,
-                    nlist,
-                    faiss.ScalarQuantizer.QT_fp16,
-                    faiss.METRIC_INNER_PRODUCT,
-                )
-            elif config.storage == "flat":
-                index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            else:
-                raise ValueError(f"unknown IVF storage {config.storage!r}; use fp16 or flat")
-            index.cp.seed = config.seed
-            # Training is k-means over nlist centroids: at 1M captions (4,000 lists) faiss's
-            # defaults (256 points per list, 25 passes) cost more than all the searching.
-            index.cp.niter = config.train_iterations
-            index.cp.max_points_per_centroid = config.train_size
-            # Training on an evenly strided subset: deterministic and bounded in time.
-            step = max(1, self.n // (nlist * config.train_size))
-            index.train(vectors[::step])
-            index.nprobe = min(config.nprobe, nlist)
-            self.nlist = nlist
-        index.add(vectors)
+            index.add(vectors)
+        self._adopt(index, config)
+
+    @classmethod
+    def from_index(cls, index, config: NeighbourConfig = NeighbourConfig()) -> NeighbourIndex:
+        self = cls.__new__(cls)
+        self._adopt(index, config)
+        return self
+
+    def _adopt(self, index, config: NeighbourConfig) -> None:
+        self.n, self.dim, self.config = int(index.ntotal), int(index.d), config
+        self.kind = "flat"
+        self.nlist: int | None = None
+        if isinstance(index, faiss.IndexIVF):
+            self.kind = "ivfpq" if isinstance(index, faiss.IndexIVFPQ) else "ivf"
+            self.nlist = int(index.nlist)
         self.lists = _list_of_each_vector(index, self.n)
         self._set(index)
 
@@ -110,14 +188,7 @@ class NeighbourIndex:
     def from_bytes(
         cls, data: np.ndarray, config: NeighbourConfig = NeighbourConfig()
     ) -> NeighbourIndex:
-        index = faiss.deserialize_index(data)
-        self = cls.__new__(cls)
-        self.n, self.dim, self.config = index.ntotal, index.d, config
-        self.kind = "ivf" if isinstance(index, faiss.IndexIVF) else "flat"
-        self.nlist = int(index.nlist) if self.kind == "ivf" else None
-        self.lists = _list_of_each_vector(index, self.n)
-        self._set(index)
-        return self
+        return cls.from_index(faiss.deserialize_index(data), config)
 
     def search(
         self, queries: np.ndarray, k: int, order: np.ndarray | None = None
