@@ -19,7 +19,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from vlforge.pipeline import storage
 
-FIXED_MTIME = 1_700_000_000.0  # as the corpus writer: identical input gives identical bytes
+FIXED_MTIME = 1_700_000_000  # as the corpus writer; an int: a float costs a pax header a member
 SAFE_EXTENSIONS = ("txt", "json", "npy", "jpg", "jpeg", "png")
 
 

@@ -5,22 +5,18 @@ with Pillow (image_decode.py) and apply the same geometry here, with the same fu
 resizer.py reaches: albumentations' SmallestMaxSize / LongestMaxSize sizes
 (max(1, round(side * scale))) resized by cv2 with INTER_AREA down and INTER_LANCZOS4 up,
 albumentations' CenterCrop offsets, PadIfNeeded centred white padding, JPEG quality 95.
-The transforms are not called as objects because they keep per-call state and the crawl
-shares one processor between threads; their pure functions are thread-safe.
-tests/test_image_resize.py checks the result against img2dataset's `Resizer` itself.
+The two offset formulas (`_center_crop_box`, `_centred_padding`) are albumentations' own,
+written out here: importing albumentations costs ~0.6 s in every crawl worker, for two lines
+of arithmetic. tests/test_image_resize.py checks the result against img2dataset's `Resizer`
+itself, which runs the real albumentations transforms.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from albumentations.augmentations.crops.functional import get_center_crop_coords  # noqa: E402
-from albumentations.augmentations.geometric.functional import get_padding_params  # noqa: E402
+import cv2
+import numpy as np
 
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
 
@@ -69,17 +65,32 @@ def resize_rgb(
         interpolation = cv2.INTER_AREA if downscale else cv2.INTER_LANCZOS4
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=interpolation)
     if mode == "center_crop":
-        x0, y0, x1, y1 = get_center_crop_coords(rgb.shape[:2], (image_size, image_size))
-        rgb = rgb[y0:y1, x0:x1]
-    elif mode == "border":
-        top, bottom, left, right = get_padding_params(
-            rgb.shape[:2], image_size, image_size, None, None
+        y0, x0 = (
+            _center_crop_box(rgb.shape[0], image_size),
+            _center_crop_box(rgb.shape[1], image_size),
         )
+        rgb = rgb[y0 : y0 + image_size, x0 : x0 + image_size]
+    elif mode == "border":
+        top, bottom = _centred_padding(rgb.shape[0], image_size)
+        left, right = _centred_padding(rgb.shape[1], image_size)
         if top or bottom or left or right:
             rgb = cv2.copyMakeBorder(
                 rgb, top, bottom, left, right, cv2.BORDER_CONSTANT, value=_WHITE
             )
     return rgb
+
+
+def _center_crop_box(size: int, crop: int) -> int:
+    """albumentations' get_center_crop_coords, one axis: where a centred crop starts."""
+    return (size - crop) // 2
+
+
+def _centred_padding(size: int, target: int) -> tuple[int, int]:
+    """albumentations' PadIfNeeded (get_dimension_padding), one axis: (before, after)."""
+    if size >= target:
+        return 0, 0
+    before = int((target - size) / 2.0)
+    return before, target - size - before
 
 
 def needed_size(
