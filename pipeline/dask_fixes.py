@@ -19,13 +19,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 
 def _apply_dofn_to_bundle(items, invoker_args, invoker_kwargs, tagged_receivers) -> list:
     from apache_beam.runners.dask import transform_evaluator
 
+    _ensure_installed()  # a worker that unpickled this function has not patched its runner yet
     del tagged_receivers.values[:]
     try:
         return list(
@@ -40,21 +40,36 @@ def _apply_dofn_to_bundle(items, invoker_args, invoker_kwargs, tagged_receivers)
 _PERSISTED: list = []  # the launcher's handles on persisted side inputs: alive until the run ends
 
 
-with contextlib.suppress(ImportError):  # the runner's module imports dask
+def _persisted_side_input_class() -> type:
+    """The runner's side-input iterator over a bag persisted once on the cluster.
+
+    Defined on first use (the runner's module imports dask and distributed, ~0.5 s, which no
+    other runner needs) and kept as this module's `PersistedSideInput`, so that tasks unpickle
+    it by reference: a worker's lookup goes through the module `__getattr__` below.
+    """
+    cls = globals().get("PersistedSideInput")
+    if cls is not None:
+        return cls
     from apache_beam.runners.dask.transform_evaluator import DaskBagWindowedIterator
 
     class PersistedSideInput(DaskBagWindowedIterator):
-        """The runner's side-input iterator over a bag persisted once on the cluster.
-
-        Module-level, so that tasks unpickle it by reference (workers import this module).
-        """
-
         def __init__(self, bag, window_fn, lazy_side_inputs: bool = False):
             from distributed import get_client
 
             persisted = get_client().persist(bag)
             _PERSISTED.append(persisted)
             super().__init__(persisted, window_fn, lazy_side_inputs)
+
+    # Named as a module-level class, so pickle refers to it instead of copying it by value.
+    PersistedSideInput.__module__, PersistedSideInput.__qualname__ = __name__, "PersistedSideInput"
+    globals()["PersistedSideInput"] = PersistedSideInput
+    return PersistedSideInput
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PersistedSideInput":
+        return _persisted_side_input_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def install() -> None:
@@ -65,7 +80,7 @@ def install() -> None:
         transform_evaluator._vlforge_original_apply = transform_evaluator.apply_dofn_to_bundle
     transform_evaluator.apply_dofn_to_bundle = _apply_dofn_to_bundle
     if not getattr(dask_runner, "_vlforge_persisting", False):
-        dask_runner.DaskBagWindowedIterator = PersistedSideInput
+        dask_runner.DaskBagWindowedIterator = _persisted_side_input_class()
         dask_runner._vlforge_persisting = True
 
 
@@ -83,10 +98,6 @@ def close_client(result: Any) -> None:
     if client is not None and hasattr(client, "close"):
         _PERSISTED.clear()
         client.close()
-
-
-with contextlib.suppress(ImportError):  # without dask there is no runner to patch
-    _ensure_installed()
 
 
 def spread(options: Any, items: int) -> Any:
