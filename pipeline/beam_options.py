@@ -16,12 +16,14 @@ from vlforge.errors import UserError
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 
 
-def _beam_parser() -> argparse.ArgumentParser:
+def _beam_parser(beam_args: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    # DaskOptions is declared by the Dask runner's module, which imports dask: only when the
-    # dask extra is installed are its flags (--dask_client_address, ...) known.
-    with contextlib.suppress(ImportError):
-        import apache_beam.runners.dask.dask_runner  # noqa: F401
+    # DaskOptions is declared by the Dask runner's module, which imports dask (~0.4 s): only when
+    # the dask extra is installed are its flags (--dask_client_address, ...) known, and only a
+    # command line that names the runner or one of its flags pays for the import.
+    if any("dask" in arg.lower() for arg in beam_args):
+        with contextlib.suppress(ImportError):
+            import apache_beam.runners.dask.dask_runner  # noqa: F401
     seen: set[type] = set()
     stack = list(PipelineOptions.__subclasses__())
     while stack:  # every options class Beam knows (Dataflow, Flink, Spark, portable, ...)
@@ -37,7 +39,7 @@ def _beam_parser() -> argparse.ArgumentParser:
 
 def build_options(beam_args: list[str], workers: int) -> PipelineOptions:
     """Reject flags Beam does not know (Beam itself would silently drop them)."""
-    _known, unknown = _beam_parser().parse_known_args(beam_args)
+    _known, unknown = _beam_parser(beam_args).parse_known_args(beam_args)
     if unknown:
         raise UserError(f"unrecognized arguments: {' '.join(unknown)}")
     options = PipelineOptions(beam_args)
