@@ -36,7 +36,8 @@ bench: $(STAMP)
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx)
 	$(BIN)/python bench/bench_corpus.py
 	@for b in bench/bench_parser.py bench/bench_featurize.py bench/bench_mine.py \
-		bench/bench_train_step.py bench/bench_train_loader.py bench/bench_scaling.py; do \
+		bench/bench_train_step.py bench/bench_train_loader.py bench/bench_scaling.py \
+		bench/bench_scale.py; do \
 		if [ -f $$b ]; then $(BIN)/python $$b || exit 1; fi; done
 
 # The suite table (all recipes, same budget, on the demo world's shards): run `make demo` first.
