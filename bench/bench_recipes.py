@@ -6,8 +6,11 @@ Reads what `make demo` left in runs/demo (mined shards, the manifest's train/eva
 tokenizer and the detector), so every recipe sees the same data and vocabulary. Per recipe:
 parameters, training samples/s, the final value of each pretraining loss (mean of the last
 logged steps), retrieval R@1 both ways and ITM accuracy on held-out pairs (zero-shot accuracy for
-`clip`; reconstruction error and image-token likelihood for `dvae`/`dalle`). The table is printed
-and appended to bench/results.md under a dated heading.
+`clip`; reconstruction error and image-token likelihood for `dvae`/`dalle`). Beside what a recipe
+learned the table prints what knowing nothing would give: held-out MLM accuracy against a unigram
+model of the training captions (always its most frequent token), codebook use against the K codes
+and image-token NLL against a uniform draw (ln K). The table is printed and appended to
+bench/results.md under a dated heading.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import json
 import math
 import subprocess
 import sys
+import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from results_table import RESULTS, machine
@@ -67,12 +72,47 @@ def samples_per_s(run_dir: Path) -> float:
     return sorted(speeds)[len(speeds) // 2] if speeds else float("nan")
 
 
-def parameters(run_dir: Path) -> int:
+def load_model(run_dir: Path):  # noqa: ANN201 (a recipe module)
     sys.path.insert(0, str(ROOT))
     from vlforge.train.trainer import load_for_eval
 
     model, _, _ = load_for_eval(str(run_dir), "cpu")
-    return sum(p.numel() for p in model.parameters())
+    return model
+
+
+def captions(shards: list[str]) -> list[str]:
+    out = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".txt"):
+                    out.append(tar.extractfile(member).read().decode("utf-8"))  # type: ignore[union-attr]
+    return out
+
+
+def unigram_baseline(tokenizer: Path, train: list[str], held_out: str) -> dict[str, float]:
+    """What MLM gets from token frequencies alone: the training captions' most frequent
+    non-special token predicted everywhere (accuracy on the held-out captions' tokens, which is
+    what MLM's uniformly chosen positions see in expectation) and the unigram cross-entropy
+    (nats; the MLM loss of a model that ignores the context)."""
+    sys.path.insert(0, str(ROOT))
+    from vlforge.train.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    special = set(tok.special_ids)
+
+    def counts(texts: list[str]) -> Counter:
+        return Counter(i for t in texts for i in tok.encode(t, 40).ids if i not in special)
+
+    seen, test = counts(captions(train)), counts(captions([held_out]))
+    mode = seen.most_common(1)[0][0]
+    total_seen, total_test = sum(seen.values()), sum(test.values())
+    # Add-one smoothing so a held-out token unseen in training has a finite cost.
+    vocab = tok.vocab_size
+    ce = -sum(n * math.log((seen[i] + 1) / (total_seen + vocab)) for i, n in test.items()) / max(
+        1, total_test
+    )
+    return {"acc": test[mode] / max(1, total_test), "ce": ce}
 
 
 def main() -> int:
@@ -95,6 +135,7 @@ def main() -> int:
     train = "::".join(manifest["train_shards"])
     held_out = manifest["eval_shards"][0]
     names = [n for n in args.recipes.split(",") if n] or recipe_names()
+    unigram = unigram_baseline(tokenizer, manifest["train_shards"], held_out)
     # dalle's image tokens come from the dvae trained in the same run.
     names.sort(key=lambda n: (n == "dalle", n))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -128,10 +169,14 @@ def main() -> int:
             log,
         )  # fmt: skip
         figures = json.loads(eval_json.read_text())
+        model = load_model(run_dir)
+        codes = getattr(model.cfg, "codes", None)  # dvae / dalle: the codebook's size K
+        if codes:
+            figures["dvae_codes"] = codes
         rows.append(
             {
                 "recipe": name,
-                "params": parameters(run_dir),
+                "params": sum(p.numel() for p in model.parameters()),
                 "samples_per_s": samples_per_s(run_dir),
                 "losses": final_losses(run_dir, 10),
                 "eval": figures,
@@ -141,7 +186,7 @@ def main() -> int:
         print(f"    {name}: {rows[-1]['seconds']:.0f} s, eval {short(figures)}", flush=True)
     generated = generate_samples(args, names, held_out, log)
     total = time.perf_counter() - started
-    table = render(rows, args, total) + generated
+    table = render(rows, args, total, unigram) + generated
     print(table)
     with RESULTS.open("a") as handle:
         handle.write("\n" + table)
@@ -181,31 +226,45 @@ def cell(figures: dict, key: str) -> str:
     return f"{v:.3f}" if isinstance(v, int | float) else "–"
 
 
-def render(rows: list[dict], args: argparse.Namespace, total: float) -> str:
+def render(rows: list[dict], args: argparse.Namespace, total: float, unigram: dict) -> str:
     lines = [
         f"## Recipe suite, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {machine()}",
         "",
         f"`python bench/bench_recipes.py --steps {args.steps}` (`make bench-recipes`): each recipe "
         f"`small`, {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
         f"on the demo's training shards; eval on its held-out shard (100 candidates for "
-        f"retrieval, 200 pairs for ITM). Total {total / 60:.1f} min.",
+        f"retrieval: chance R@1 0.010; 200 pairs for ITM, half of them matched: chance 0.5). "
+        f"Baselines: `unigram` is the held-out MLM accuracy of always predicting the training "
+        f"captions' most frequent token (its cross-entropy: {unigram['ce']:.3f} nats, against the "
+        f"mlm losses); `uniform` is the image-token NLL of a uniform draw from the K codes (ln K). "
+        f"Total {total / 60:.1f} min.",
         "",
-        "| recipe | params | samples/s | final losses | i2t R@1 | t2i R@1 | ITM acc | other |",
-        "|---|---|---|---|---|---|---|---|",
+        "| recipe | params | samples/s | final losses | i2t R@1 | t2i R@1 | ITM acc | MLM acc "
+        "| unigram | codes used / K | image NLL | uniform | other |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    shown = ("retrieval_", "itm_", "mlm_accuracy", "dvae_codes", "dalle_image_nll")
     for r in rows:
         ev = r["eval"]
         losses = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["losses"].items()))
-        # Everything else the recipe reports (MLM, zero-shot, QA, reconstruction, likelihood).
+        # Everything else the recipe reports (zero-shot, QA, reconstruction, image tokens).
         other = ", ".join(
             f"{k} {ev[k]:.3f}"
             for k in sorted(ev)
-            if not k.startswith(("retrieval_", "itm_")) and not k.endswith("_n")
+            if not k.startswith(shown) and not k.endswith("_n")
         )
+        baseline = f"{unigram['acc']:.3f}" if "mlm_accuracy" in ev else "–"
+        codes = ev.get("dvae_codes")
+        used = (
+            f"{ev['dvae_codes_used']:.0f} / {codes}" if codes and "dvae_codes_used" in ev else "–"
+        )
+        uniform = f"{math.log(codes):.3f}" if codes and "dalle_image_nll" in ev else "–"
         lines.append(
             f"| {r['recipe']} | {r['params'] / 1e6:.2f}M | {r['samples_per_s']:.0f} | {losses} | "
             f"{cell(ev, 'retrieval_i2t_r1')} | {cell(ev, 'retrieval_t2i_r1')} | "
-            f"{cell(ev, 'itm_accuracy')} | {other or '–'} |"
+            f"{cell(ev, 'itm_accuracy')} | {cell(ev, 'mlm_accuracy')} | "
+            f"{baseline} | {used} | "
+            f"{cell(ev, 'dalle_image_nll')} | {uniform} | {other or '–'} |"
         )
     return "\n".join(lines) + "\n"
 

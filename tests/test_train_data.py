@@ -406,6 +406,32 @@ def test_itm_negatives_ratio_and_hard_negatives(tmp_path):
     assert 0.2 < swaps / (200 * len(samples)) < 0.3  # half of the 50% negatives swap the image
 
 
+def test_paired_itm_negatives_share_a_modality_with_a_matched_row(tmp_path):
+    samples = _samples(tmp_path, 24)
+    tok = train_wordpiece([s["txt"] for s in samples], vocab_size=120)
+    for swap, hard_ratio in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)):
+        m = MaskingConfig(itm_neg_ratio=0.5, itm_image_swap=swap, hard_neg_ratio=hard_ratio,
+                          itm_paired=True)  # fmt: skip
+        asm = Assembler(BatchSpec(tasks={"itm": 1}, masking=m), tok)
+        negs = total = 0
+        for i in range(100):
+            captions, visual, labels = asm.pairs(samples, np.random.default_rng(i))
+            matched = [j for j, lab in enumerate(labels) if lab == 1]
+            assert all(visual[j] == j and captions[j] == samples[j]["txt"] for j in matched)
+            for j in np.flatnonzero(labels == 0):
+                assert captions[j] != samples[visual[j]]["txt"]
+                if swap == 1.0:  # a matched row's caption over another image
+                    assert captions[j] in {captions[a] for a in matched}
+                else:  # a matched row's image under another caption
+                    assert visual[j] in matched
+                if hard_ratio == 1.0:
+                    hard = {h["caption"] for h in samples[visual[j]]["mine.json"]["hard_negatives"]}
+                    assert captions[j] in hard
+            negs += int((labels == 0).sum())
+            total += len(labels)
+        assert abs(negs / total - 0.5) < 0.05
+
+
 def test_env_does_not_leak(tmp_path):
     # The tokenizer module turns the Rust thread pool off for forked workers.
     import vlforge.train.tokenizer  # noqa: F401

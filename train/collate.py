@@ -179,11 +179,21 @@ class Assembler:
         visual = list(range(n))
         labels = np.ones(n, dtype=np.int64)
         negative = rng.random(n) < cfg.itm_neg_ratio
+        if cfg.itm_paired:  # exactly the ratio's share, so each matched row anchors one negative
+            negative = np.zeros(n, dtype=bool)
+            negative[rng.permutation(n)[: min(n - 1, round(n * cfg.itm_neg_ratio))]] = True
         if negative.all():
             # Keep one matched pair: masked losses are computed on matched pairs only, and a batch
             # without any would give them nothing to predict (0/0).
             negative[int(rng.integers(n))] = False
-        for i in np.flatnonzero(negative):
+        # Paired negatives (cfg.itm_paired) borrow the image or caption of a matched row, each
+        # matched row in turn (in a random order), so the two rows' shared modality cancels.
+        anchors = rng.permutation(np.flatnonzero(~negative))
+        for t, i in enumerate(np.flatnonzero(negative)):
+            if cfg.itm_paired:
+                a = int(anchors[t % len(anchors)])
+                self.paired_negative(samples, i, a, captions, visual, labels, rng)
+                continue
             hard = [
                 h["caption"]
                 for h in (samples[i].get("mine.json") or {}).get("hard_negatives", [])
@@ -204,6 +214,37 @@ class Assembler:
                 captions[i] = samples[j]["txt"]
             labels[i] = 0
         return captions, visual, labels
+
+    def paired_negative(
+        self,
+        samples: list[dict],
+        i: int,
+        a: int,
+        captions: list[str],
+        visual: list[int],
+        labels: np.ndarray,
+        rng: np.random.Generator,
+    ) -> None:
+        """Row i becomes a negative sharing one modality with matched row a: a's image with a
+        mined hard negative of a (hard_neg_ratio) or another sample's caption, or (image swap)
+        a's caption with another sample's image. Row i's own pair is not shown."""
+        cfg = self.spec.masking
+        own = samples[a]["txt"]
+        hard = [
+            h["caption"]
+            for h in (samples[a].get("mine.json") or {}).get("hard_negatives", [])
+            if h.get("caption") and h["caption"] != own
+        ]
+        donors = [j for j in range(len(samples)) if j != a and samples[j]["txt"] != own]
+        if hard and rng.random() < cfg.hard_neg_ratio:
+            visual[i], captions[i] = a, hard[int(rng.integers(len(hard)))]
+        elif not donors:
+            return  # every caption of the batch is a's: row i stays its own matched pair
+        elif rng.random() < cfg.itm_image_swap and self.spec.inputs - {"text"}:
+            visual[i], captions[i] = donors[int(rng.integers(len(donors)))], own
+        else:
+            visual[i], captions[i] = a, samples[donors[int(rng.integers(len(donors)))]]["txt"]
+        labels[i] = 0
 
     # -- the batch ----------------------------------------------------------------------------
 
