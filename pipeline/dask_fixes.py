@@ -12,7 +12,12 @@
    each task the side input's dask bag, which the task computes again (its FIXME). Mining's
    corpus side input was rebuilt, every shard scanned again, once per shard. `install` has the
    runner persist each side input's bag on the cluster once, as the launcher builds the graph;
-   tasks then fetch the computed partitions instead of recomputing them.
+   tasks then fetch the computed partitions instead of recomputing them. Each persist is
+   waited for before the next graph is sent: side inputs that share upstream steps (mining's
+   reducer, trained index and filled index all read the text buckets) would otherwise send the
+   same keys fused differently while the first is still running, which dask refuses
+   ("different run_spec", then FutureCancelledError). Upstream steps are recomputed for each
+   side input instead (their keys are released once a side input is done).
 3. The runner's client is never closed; once the cluster goes away it retries for 30 s and logs
    errors. `close_client` closes it when the pipeline is done.
 """
@@ -54,9 +59,10 @@ def _persisted_side_input_class() -> type:
 
     class PersistedSideInput(DaskBagWindowedIterator):
         def __init__(self, bag, window_fn, lazy_side_inputs: bool = False):
-            from distributed import get_client
+            from distributed import get_client, wait
 
             persisted = get_client().persist(bag)
+            wait(persisted)  # see the module docstring, 2.
             _PERSISTED.append(persisted)
             super().__init__(persisted, window_fn, lazy_side_inputs)
 
