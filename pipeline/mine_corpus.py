@@ -19,7 +19,6 @@ tags.json (those pairs take the Python certainly_false, which reads graphs).
 
 from __future__ import annotations
 
-import heapq
 import zlib
 from dataclasses import dataclass
 
@@ -79,33 +78,54 @@ def tfidf_rows(counts: sp.csr_matrix, idf: np.ndarray) -> sp.csr_matrix:
 # ---- the SVD sample ---------------------------------------------------------------------------
 
 
+@dataclass
+class HashSample:
+    """Texts with their hashes and term counts: a sample kept as arrays, not per-text objects."""
+
+    hashes: np.ndarray  # uint64
+    texts: list[str]
+    counts: sp.csr_matrix
+
+    def lowest(self, limit: int) -> HashSample:
+        """The `limit` of lowest (hash, text) (distinct texts: hashes differ but for ~2^-64)."""
+        order = sorted(range(len(self.texts)), key=lambda i: (int(self.hashes[i]), self.texts[i]))
+        take = np.asarray(order[:limit], np.int64)
+        return HashSample(
+            self.hashes[take], [self.texts[i] for i in take.tolist()], self.counts[take]
+        )
+
+
 def svd_candidates(bucket: TextBucket, limit: int):
-    """A bucket's `limit` texts of lowest hash: (space, [(hash, text, counts row)])."""
-    order = np.argsort(bucket.hashes, kind="stable")[:limit]
-    texts = bucket.groups.texts
-    yield (
-        bucket.space,
-        [(int(bucket.hashes[r]), texts[r], bucket.counts[int(r)]) for r in order.tolist()],
-    )
+    """A bucket's `limit` texts of lowest hash: (space, HashSample)."""
+    whole = HashSample(bucket.hashes, bucket.groups.texts, bucket.counts)
+    yield bucket.space, whole.lowest(limit)
 
 
 class LowestHashes(beam.CombineFn):
-    """Lists of (hash, text, payload) → the `limit` of lowest (hash, text): bounded state."""
+    """HashSamples → the `limit` texts of lowest (hash, text): state bounded by `limit`."""
 
     def __init__(self, limit: int):
         self.limit = limit
 
     def create_accumulator(self):
-        return []
+        return None
 
-    def _cut(self, items):
-        return heapq.nsmallest(self.limit, items, key=lambda x: (x[0], x[1]))
+    def _merge(self, samples) -> HashSample | None:
+        samples = [s for s in samples if s is not None]
+        if not samples:
+            return None
+        joined = HashSample(
+            np.concatenate([s.hashes for s in samples]),
+            [t for s in samples for t in s.texts],
+            sp.vstack([s.counts for s in samples], format="csr"),
+        )
+        return joined.lowest(self.limit)
 
-    def add_input(self, acc, items):
-        return self._cut(acc + list(items))
+    def add_input(self, acc, sample):
+        return self._merge([acc, sample])
 
     def merge_accumulators(self, accumulators):
-        return self._cut([x for acc in accumulators for x in acc])
+        return self._merge(list(accumulators))
 
     def extract_output(self, acc):
         return acc
@@ -117,9 +137,8 @@ class LowestHashes(beam.CombineFn):
 def fit_space_reducer(item, stats: CorpusStats, config: MineConfig):
     """(space, sampled texts) → (space, Reducer), fitted on the sample in text order."""
     space, sample = item
-    sample = sorted(sample, key=lambda x: x[1])
-    counts = sp.vstack([x[2] for x in sample], format="csr")
-    rows = tfidf_rows(counts, space_idf(stats, space))
+    order = np.asarray(sorted(range(len(sample.texts)), key=sample.texts.__getitem__), np.int64)
+    rows = tfidf_rows(sample.counts[order], space_idf(stats, space))
     return space, fit_reducer(rows, config.dim, config.svd_columns, config.seed)
 
 
@@ -303,5 +322,5 @@ def assemble(item, reducers: dict, trained: dict, starts, config: MineConfig):
     )
 
 
-for _type in (SearchIndex, IndexPart):
+for _type in (SearchIndex, IndexPart, HashSample):
     beam.coders.registry.register_coder(_type, PickledBatch)
