@@ -1,6 +1,7 @@
 """Mining at 10k / 100k / 1M captions on Beam's DaskRunner: wall time, peak RSS of the launcher and
-of the largest worker, CPU seconds per row. `measure_mine(n)` is what bench/bench_scale.py calls;
-run alone it measures --sizes and records one row per size in bench/results.md.
+of the largest worker, CPU seconds per row. `measure_mining(n, workdir)` (alias `measure_mine`)
+is what bench/bench_scale.py calls; run alone it measures --sizes and records one row per size
+in bench/results.md (--quality adds neg_false_rate and the IVF recall@10 of the mined output).
 
 Inputs are bench_mine.py's: demo-world captions and tags, placeholder jpgs, shards of
 --shard-size samples. One difference, to build 1M inputs in minutes: sg.json is the world's own
@@ -23,6 +24,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,15 +80,66 @@ def build_inputs(directory: Path, n: int, shard_size: int, seed: int = 0) -> Pat
     return source
 
 
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class _Sampler:
+    """Samples each worker's RSS every second with the task it is running: which step peaks."""
+
+    def __init__(self, client):
+        self.client = client
+        self.peak: dict[str, tuple[float, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                rss = self.client.run(_rss_mib)
+                running = self.client.processing()
+            except Exception:  # the cluster is closing
+                return
+            for worker, mib in rss.items():
+                tasks = ",".join(
+                    sorted({str(k).split("-")[0][:40] for k in running.get(worker, ())})
+                )
+                if mib > self.peak.get(worker, (0.0, ""))[0]:
+                    self.peak[worker] = (mib, tasks)
+
+    def __enter__(self) -> _Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> str:
+        return "; ".join(
+            f"{mib:.0f} MiB during {tasks or '-'}" for mib, tasks in self.peak.values()
+        )
+
+
 def _worker_usage() -> dict:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"max_rss_kb": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def measure_mine(
-    n: int, work: Path, shard_size: int = 10_000, workers: int = 2, seed: int = 0
+    n: int,
+    work: Path,
+    shard_size: int = 10_000,
+    workers: int = 2,
+    seed: int = 0,
+    quality: bool = False,
 ) -> dict:
-    """Mine n captions on a fresh LocalCluster; wall, peak RSS (MiB) and CPU s per row."""
+    """Mine n captions on a fresh LocalCluster; wall, peak RSS (MiB) and CPU s per row.
+
+    quality: also mine_quality's neg_false_rate and ivf_recall10 of the output (minutes more).
+    """
     from distributed import Client, LocalCluster
 
     source = build_inputs(work, n, shard_size, seed)
@@ -110,8 +163,9 @@ def measure_mine(
             cluster.scheduler_address,
         ]  # fmt: skip
         started = time.time()
-        child = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE)
-        _, status, launcher = os.wait4(child.pid, 0)
+        with _Sampler(client) as sampler:
+            child = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE)
+            _, status, launcher = os.wait4(child.pid, 0)
         wall = time.time() - started
         summary = child.stdout.read().decode() if child.stdout else ""
         if os.waitstatus_to_exitcode(status) != 0:
@@ -120,6 +174,12 @@ def measure_mine(
     launcher_cpu = launcher.ru_utime + launcher.ru_stime
     worker_cpu = sum(u["cpu_s"] for u in used.values())
     manifest = json.loads((out / "manifest.json").read_text())
+    figures = {}
+    if quality:
+        from vlforge.pipeline.mine_eval import mine_quality
+
+        found = mine_quality(str(out), seed)
+        figures = {k: found.get(k) for k in ("neg_false_rate", "neg_hardness", "ivf_recall10")}
     shutil.rmtree(out, ignore_errors=True)
     return {
         "n": n,
@@ -131,7 +191,16 @@ def measure_mine(
         "worker_peak_mib": round(max(u["max_rss_kb"] for u in used.values()) / 1024),
         "cpu_s": round(launcher_cpu + worker_cpu, 1),
         "cpu_ms_per_row": round(1000 * (launcher_cpu + worker_cpu) / n, 3),
+        "worker_peaks_sampled": sampler.summary(),
+        **figures,
     }
+
+
+def measure_mining(n_captions: int, workdir: Path, **options) -> dict:
+    """measure_mine under the name bench/bench_scale.py asks for: n_captions on a fresh
+    LocalCluster under workdir → n, wall_s, launcher_peak_mib, worker_peak_mib, cpu_s,
+    cpu_ms_per_row (options: shard_size, workers, seed, quality)."""
+    return measure_mine(n_captions, Path(workdir), **options)
 
 
 def record_rows(results: list[dict]) -> list[str]:
@@ -150,7 +219,12 @@ def record_rows(results: list[dict]) -> list[str]:
                 f"{r['n']:,} demo-world captions, {r['shards']} shards, LocalCluster "
                 f"{r['workers']} worker processes",
                 f"{r['wall_s']} s wall; launcher peak {r['launcher_peak_mib']} MiB, largest "
-                f"worker peak {r['worker_peak_mib']} MiB; {r['cpu_ms_per_row']} CPU ms/row",
+                f"worker peak {r['worker_peak_mib']} MiB; {r['cpu_ms_per_row']} CPU ms/row"
+                + (
+                    f"; neg_false_rate {r['neg_false_rate']}, ivf_recall10 {r['ivf_recall10']}"
+                    if "neg_false_rate" in r
+                    else ""
+                ),
                 "target: worker peak flat (<= 1.5x) from 100k to 1M",
                 flat or "-",
             )
@@ -165,10 +239,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "bench" / "work" / "scale-mine"))
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--quality", action="store_true", help="also mine_quality's figures")
     args = parser.parse_args()
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
-        results.append(measure_mine(n, Path(args.work), args.shard_size, args.workers))
+        results.append(
+            measure_mine(n, Path(args.work), args.shard_size, args.workers, quality=args.quality)
+        )
         print(json.dumps(results[-1]), flush=True)
     if not args.no_record:
         for row in record_rows(results):
