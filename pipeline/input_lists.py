@@ -195,16 +195,19 @@ def iter_piece(piece: Piece, url_col: str, caption_col: str) -> Iterator[list[tu
     """The piece's rows, in order, as batches of (url, caption, extra JSON)."""
     extra_cols = [c for c in piece.columns if c not in (url_col, caption_col)]
     if piece.fmt == "jsonl":
-        batch = []
-        for obj in _json_objects(piece):
-            extras = {k: v for k, v in obj.items() if k not in (url_col, caption_col)}
-            extra = json.dumps(extras, default=str, ensure_ascii=False)
-            batch.append((_text(obj.get(url_col)), _text(obj.get(caption_col)), extra))
-            if len(batch) == BATCH_ROWS:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        rows = (
+            (
+                _text(obj.get(url_col)),
+                _text(obj.get(caption_col)),
+                json.dumps(
+                    {k: v for k, v in obj.items() if k not in (url_col, caption_col)},
+                    default=str,
+                    ensure_ascii=False,
+                ),
+            )
+            for obj in _json_objects(piece)
+        )
+        yield from _in_batches(rows)
         return
     convert = _csv_value if piece.fmt in ("csv", "tsv") else (lambda v: v)
     for table in _arrow_batches(piece, ()):
@@ -228,17 +231,22 @@ def iter_piece(piece: Piece, url_col: str, caption_col: str) -> Iterator[list[tu
 def iter_piece_urls(piece: Piece, url_col: str) -> Iterator[list[str]]:
     """Only the URL column of the piece's rows, in order (the duplicate-URL pass)."""
     if piece.fmt == "jsonl":
-        batch = []
-        for obj in _json_objects(piece):
-            batch.append(_text(obj.get(url_col)))
-            if len(batch) == BATCH_ROWS:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from _in_batches(_text(obj.get(url_col)) for obj in _json_objects(piece))
         return
     for table in _arrow_batches(piece, (url_col,)):
         yield [_text(u) for u in table.column(url_col).to_pylist()]
+
+
+def _in_batches(items: Iterator) -> Iterator[list]:
+    """Consecutive lists of BATCH_ROWS items (the last one shorter)."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == BATCH_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _arrow_batches(piece: Piece, only: tuple[str, ...]) -> Iterator[pa.Table]:
