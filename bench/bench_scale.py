@@ -135,24 +135,15 @@ def _worker_usage() -> dict:
 
 def measure_corpus(n: int, work: Path, workers: int = 2, extra: tuple[str, ...] = ()) -> dict:
     """Plan + assemble n rows on a fresh LocalCluster; wall, peak RSS (MiB), CPU ms per row."""
-    from distributed import Client, LocalCluster
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_scale_mine import local_cluster
 
     source = build_inputs(work, n)
     out = work / f"out-{n}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(source / "fetched", out / "_work" / "fetched")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with (
-        LocalCluster(
-            n_workers=workers,
-            processes=True,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address=None,
-            memory_limit=0,  # measure, do not spill or restart
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(workers) as (cluster, client):
         command = [
             sys.executable, "-m", "vlforge.cli", "corpus", "--urls", str(source / "urls.parquet"),
             "--out", str(out), "--chunk-size", str(CHUNK), "--shard-size", str(SHARD),

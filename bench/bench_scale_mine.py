@@ -17,6 +17,7 @@ process for one size: the launcher's from os.wait4, each worker's from its own g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -128,6 +129,26 @@ def _worker_usage() -> dict:
     return {"max_rss_kb": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
+@contextlib.contextmanager
+def local_cluster(workers: int):
+    """A LocalCluster of `workers` single-thread processes on loopback, and a client on it; no
+    memory limit, so peaks are measured rather than spilled or restarted (bench_scale too)."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=workers,
+            processes=True,
+            threads_per_worker=1,
+            host="127.0.0.1",
+            dashboard_address=None,
+            memory_limit=0,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield cluster, client
+
+
 def measure_mine(
     n: int,
     work: Path,
@@ -140,23 +161,11 @@ def measure_mine(
 
     quality: also mine_quality's neg_false_rate and ivf_recall10 of the output (minutes more).
     """
-    from distributed import Client, LocalCluster
-
     source = build_inputs(work, n, shard_size, seed)
     out = work / f"out-{n}"
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with (
-        LocalCluster(
-            n_workers=workers,
-            processes=True,
-            threads_per_worker=1,
-            host="127.0.0.1",
-            dashboard_address=None,
-            memory_limit=0,  # measure, do not spill or restart
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(workers) as (cluster, client):
         command = [
             sys.executable, "-m", "vlforge.cli", "mine", "--in", str(source), "--out", str(out),
             "--no-progress", "--runner", "DaskRunner", "--dask_client_address",
