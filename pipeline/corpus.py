@@ -5,9 +5,10 @@ The flow (each step a small transform in its own module), as Beam pipelines:
             keyed min-combiner and write the work chunks (pipeline/plan_stage.py); the launcher
             knows only the lists' metadata (pipeline/input_splits.py)
   crawl:    chunks not yet done → CrawlChunk (fetch, check, resize, filter; one checkpoint each)
-  assemble: every checkpoint → ReadChunkRecords → MarkExactDuplicates(image) →
-            MarkNearDuplicates(phash) → MarkExactDuplicates(caption) → AssignShards →
-            WriteShard, and stats.parquet/ (a dataset: one part per chunk, by the workers);
+  assemble: every checkpoint → ReadChunkRecords (one batch of records per chunk) →
+            MarkExactDuplicates(image) → MarkNearDuplicates(phash) →
+            MarkExactDuplicates(caption) → AssignShards → WriteShard, and stats.parquet/ (a
+            dataset: one part per chunk, by the workers);
             then manifest.json and the summary from one small run summary.
 The split lets a rerun skip the network entirely and lets the global steps run where moving
 records is cheap, while the crawl spreads over worker processes or a cluster.
@@ -48,8 +49,9 @@ from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates
 from vlforge.pipeline.filters import caption_key
 from vlforge.pipeline.funnel import funnel_counts
 from vlforge.pipeline.input_lists import inspect_list, resolve_paths
+from vlforge.pipeline.key_batches import bucket_count
 from vlforge.pipeline.redact import redact
-from vlforge.pipeline.shard_writer import AssignShards, WriteShard
+from vlforge.pipeline.shard_writer import AssignShards, WriteShard, shard_parts
 from vlforge.pipeline.stats_dataset import STATS_NAME, part_name, stats_parts
 from vlforge.pipeline.work_plan import InputSpec, WorkPlan, prepare
 from vlforge.versions import package_versions
@@ -80,18 +82,30 @@ class CorpusConfig:
 
 
 class WriteStatsPart(beam.DoFn):
-    """(chunk, its records) → one part of the stats dataset; yields its (status, reason) counts.
+    """(chunk, its deduplicated records) → one part of the stats dataset (the checkpoint's rows
+    with their final status, reason, detail and shard); yields its (status, reason) counts.
 
     Each worker writes the parts of the chunks it holds, in parallel; parts go to a staging
     directory first and reach OUT/stats.parquet/ only when the whole run is done.
     """
 
-    def __init__(self, staging: str):
+    def __init__(self, plan: WorkPlan, staging: str):
+        self.plan = plan
         self.staging = staging
 
     def process(self, element):
-        chunk, records = element
-        records = sorted(records, key=lambda r: r["row_id"])
+        chunk, decided = element
+        by_row = {r["row_id"]: r for r in decided}
+        records = storage.read_parquet(self.plan.fetched_path(chunk), RECORD_FIELDS).to_pylist()
+        for record in records:
+            final = by_row[record["row_id"]]
+            record.update(
+                status=final["status"],
+                reason=final["reason"],
+                detail=final["detail"],
+                shard=final.get("shard"),
+            )
+        records.sort(key=lambda r: r["row_id"])
         columns = {name: [r.get(name) for r in records] for name in STATS_SCHEMA.names}
         path = storage.join(self.staging, part_name(chunk))
         storage.write_parquet(path, pa.table(columns, schema=STATS_SCHEMA))
@@ -171,40 +185,33 @@ def build_assemble(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig
 
     One sink at the end (the run summary), every branch feeding it: Beam's DaskRunner (2.78)
     computes only the graph's last transform, so a branch that ends elsewhere would never run.
-    Filters, not a Partition: that runner hands every output of a multi-output ParDo to every
-    consumer.
+    Records move as one batch per chunk; only dedup keys are spread over buckets.
     """
     filters = config.crawl.filters
-    records = (
+    buckets = bucket_count(plan.n_rows)
+    batches = (
         pipeline
         | "AllChunks" >> beam.Create(list(range(plan.n_chunks)))
         | "Records" >> beam.ParDo(ReadChunkRecords(plan))
     )
     if filters.dedup_images:
-        records = records | MarkExactDuplicates(lambda r: r["sha256"], "duplicate_image")
+        batches = batches | MarkExactDuplicates(lambda r: r["sha256"], "duplicate_image", buckets)
     if filters.dedup_near_images:
-        records = records | MarkNearDuplicates(filters.phash_max_distance)
+        batches = batches | MarkNearDuplicates(filters.phash_max_distance, buckets=buckets)
     if filters.dedup_captions:
-        records = records | MarkExactDuplicates(
-            lambda r: caption_key(r["caption"]), "duplicate_caption"
+        batches = batches | MarkExactDuplicates(
+            lambda r: caption_key(r["caption"]), "duplicate_caption", buckets
         )
-    kept = records | "Kept" >> beam.Filter(lambda r: r["status"] == "ok")
-    rest = records | "NotKept" >> beam.Filter(lambda r: r["status"] != "ok")
-    numbered = kept | "AssignShards" >> AssignShards(config.shard_size, config.prefix)
-    # Only metadata goes through this shuffle: WriteShard reads the image bytes back from the
-    # chunk checkpoints itself.
+    numbered = batches | "AssignShards" >> AssignShards(config.shard_size, config.prefix)
+    # Only (chunk, row ids) go through this shuffle: WriteShard reads the rows and their image
+    # bytes back from the chunk checkpoints itself.
     written = (
         numbered
+        | "ShardParts" >> beam.FlatMap(shard_parts)
         | "GroupShard" >> beam.GroupByKey()
-        | "WriteShard" >> beam.ParDo(WriteShard(plan, config.prefix))
+        | "WriteShard" >> beam.ParDo(WriteShard(plan, [*RECORD_FIELDS, "jpg", "extra"]))
     )
-    parts = (
-        (numbered | "Numbered" >> beam.Values(), rest)
-        | "All" >> beam.Flatten()
-        | "ByChunk" >> beam.Map(lambda r: (r["chunk"], r))
-        | "GroupChunk" >> beam.GroupByKey()
-        | "WriteStats" >> beam.ParDo(WriteStatsPart(_stats_staging(plan)))
-    )
+    parts = numbered | "WriteStats" >> beam.ParDo(WriteStatsPart(plan, _stats_staging(plan)))
     summary_path = storage.join(plan.work_dir, "assemble-summary.json")
     return (
         (written, parts)

@@ -50,6 +50,10 @@ CHECKPOINT_SCHEMA = pa.schema(
     ]
 )
 RECORD_FIELDS = [f.name for f in CHECKPOINT_SCHEMA if f.name not in ("jpg", "extra")]
+# What the dedup and sharding steps read and change: the rest of a row stays in its checkpoint
+# until the stats and shard writers read it back (moving all 20 fields through every join cost
+# more than the steps themselves).
+DEDUP_FIELDS = ["row_id", "status", "reason", "detail", "sha256", "phash", "caption"]
 
 
 @dataclass(frozen=True)
@@ -69,21 +73,20 @@ def _empty_row(row: dict) -> dict:
 
 
 class ReadChunkRecords(beam.DoFn):
-    """chunk id → one metadata record per row of its checkpoint (image bytes stay on disk)."""
+    """chunk id → (chunk, one record of DEDUP_FIELDS per row of its checkpoint): one batch per
+    chunk (pipeline/key_batches.py says why)."""
 
     def __init__(self, plan: WorkPlan):
         self.plan = plan
 
     def process(self, chunk: int):
-        table = storage.read_parquet(self.plan.fetched_path(chunk), RECORD_FIELDS)
+        table = storage.read_parquet(self.plan.fetched_path(chunk), DEDUP_FIELDS)
         records = table.to_pylist()
         # One counter update per (status, reason) and chunk: a counter lookup per row cost more
         # than reading the row.
         for pair, n in Counter((r["status"], r["reason"] or "-") for r in records).items():
             Metrics.counter("status", ":".join(pair)).inc(n)
-        for record in records:
-            record["chunk"] = chunk
-            yield record
+        yield chunk, records
 
 
 class CrawlChunk(beam.DoFn):

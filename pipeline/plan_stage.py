@@ -4,7 +4,7 @@ Two small pipelines, run before the crawl (and never again once `_work/plan.json
   count (only for csv/tsv/jsonl pieces, whose row counts no metadata holds):
       pieces → CountPiece → one summary of (piece, rows, byte range)
   split:
-      pieces → PieceUrls → MarkExactDuplicates(normalized URL) → (piece, (row, first row))
+      pieces → PieceUrls → NotFirstOfKey(normalized URL) → (piece, [(row, first row)])
              ↘ CoGroupByKey by piece ↙
       WritePiece: the piece read again, its rows normalized, numbered, marked and written as
       `_work/input/chunk-N.parquet` → one summary (rows, chunks, repeated URLs, errors)
@@ -23,7 +23,6 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from vlforge.pipeline import storage
-from vlforge.pipeline.dedup import MarkExactDuplicates
 from vlforge.pipeline.filters import normalize_caption
 from vlforge.pipeline.input_lists import (
     Piece,
@@ -32,6 +31,7 @@ from vlforge.pipeline.input_lists import (
     iter_piece_urls,
     unreadable_message,
 )
+from vlforge.pipeline.key_batches import NotFirstOfKey, bucket_count
 from vlforge.pipeline.urls import normalize_url, sample_key
 from vlforge.pipeline.work_plan import INPUT_SCHEMA, WorkPlan
 
@@ -103,28 +103,19 @@ def build_count(pipeline, pieces: list[Piece], url_col: str, summary_path: str):
     )
 
 
-def _url_records(url_col: str) -> Callable[[Piece], object]:
-    def records(piece: Piece):
+def _url_pairs(url_col: str) -> Callable[[Piece], object]:
+    """A piece → (piece index, [(row id, normalized URL)]) per batch of its rows."""
+
+    def pairs(piece: Piece):
         row_id = piece.first_row
         try:
             for batch in iter_piece_urls(piece, url_col):
-                for url in batch:
-                    yield {
-                        "row_id": row_id,
-                        "url": normalize_url(url),
-                        "status": "ok",
-                        "p": piece.index,
-                    }
-                    row_id += 1
+                yield piece.index, [(row_id + i, normalize_url(url)) for i, url in enumerate(batch)]
+                row_id += len(batch)
         except _READ_ERRORS:
             return  # WritePiece reads the piece again and reports the error
 
-    return records
-
-
-def _first_row(record: dict) -> tuple[int, tuple[int, int]]:
-    # MarkExactDuplicates names the winner in the detail ("row N"), as stats.parquet shows it.
-    return record["p"], (record["row_id"], int(record["detail"].split()[1]))
+    return pairs
 
 
 class WritePiece(beam.DoFn):
@@ -139,7 +130,7 @@ class WritePiece(beam.DoFn):
     def process(self, element):
         _index, grouped = element
         piece = next(iter(grouped["piece"]))
-        repeated = dict(grouped["dups"])
+        repeated = {row: first for part in grouped["dups"] for row, first in part}
         try:
             chunks = self._write(piece, repeated)
         except _READ_ERRORS as err:
@@ -203,10 +194,8 @@ def build_split(
     if dedup_urls:
         repeated = (
             created
-            | "Urls" >> beam.FlatMap(_url_records(url_col))
-            | MarkExactDuplicates(lambda r: r["url"], "duplicate_url")
-            | "Repeated" >> beam.Filter(lambda r: r["status"] == "duplicate")
-            | "FirstRow" >> beam.Map(_first_row)
+            | "Urls" >> beam.FlatMap(_url_pairs(url_col))
+            | "Repeated" >> NotFirstOfKey(bucket_count(sum(p.n_rows for p in pieces)))
         )
         joined = {"piece": keyed, "dups": repeated} | "Join" >> beam.CoGroupByKey()
     else:

@@ -7,7 +7,6 @@ stats, both written under temporary names and renamed, so readers never see half
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 
 import apache_beam as beam
 import pyarrow as pa
@@ -26,34 +25,75 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}"
 
 
-class AssignShards(beam.PTransform):
-    """Kept records → (shard index, record), numbering them by row id across all chunks.
+class ChunkOffsets(beam.CombineFn):
+    """(chunk, kept rows) → {chunk: kept rows in all earlier chunks}: one small dict of ints
+    per chunk (not per row), so each chunk finds its first sample number in O(1)."""
 
-    Counts per chunk go through a small side input, so no step ever holds every record at once.
-    """
+    def create_accumulator(self) -> dict[int, int]:
+        return {}
+
+    def add_input(self, acc: dict[int, int], element: tuple[int, int]) -> dict[int, int]:
+        chunk, kept = element
+        acc[chunk] = kept
+        return acc
+
+    def merge_accumulators(self, accumulators) -> dict[int, int]:
+        merged: dict[int, int] = {}
+        for acc in accumulators:
+            merged.update(acc)
+        return merged
+
+    def extract_output(self, acc: dict[int, int]) -> dict[int, int]:
+        offsets, total = {}, 0
+        for chunk in sorted(acc):
+            offsets[chunk] = total
+            total += acc[chunk]
+        return offsets
+
+
+class AssignShards(beam.PTransform):
+    """Record batches (chunk, records) → the same batches, each kept record given the `shard`
+    it goes to, numbering kept records by row id across all chunks."""
 
     def __init__(self, shard_size: int, prefix: str):
         super().__init__()
         self.shard_size = shard_size
         self.prefix = prefix
 
-    def expand(self, kept):
-        by_chunk = (
-            kept
-            | "ByChunk" >> beam.Map(lambda r: (r["chunk"], r))
-            | "GroupChunk" >> beam.GroupByKey()
+    def expand(self, batches):
+        offsets = (
+            batches
+            | "Count"
+            >> beam.MapTuple(
+                lambda chunk, records: (chunk, sum(r["status"] == "ok" for r in records))
+            )
+            | "Offsets" >> beam.CombineGlobally(ChunkOffsets())
         )
-        counts = by_chunk | "Count" >> beam.MapTuple(lambda chunk, rows: (chunk, len(list(rows))))
         shard_size, prefix = self.shard_size, self.prefix
 
-        def number(element, counts_by_chunk):
-            chunk, rows = element
-            offset = sum(n for c, n in counts_by_chunk.items() if c < chunk)
-            for i, record in enumerate(sorted(rows, key=lambda r: r["row_id"])):
-                shard = (offset + i) // shard_size
-                yield shard, {**record, "shard": shard_name(prefix, shard)}
+        def number(element, offsets_by_chunk):
+            chunk, records = element
+            index = offsets_by_chunk[chunk]
+            numbered = []
+            for record in sorted(records, key=lambda r: r["row_id"]):
+                if record["status"] == "ok":
+                    record = {**record, "shard": shard_name(prefix, index // shard_size)}
+                    index += 1
+                numbered.append(record)
+            return chunk, numbered
 
-        return by_chunk | "Number" >> beam.FlatMap(number, beam.pvalue.AsDict(counts))
+        return batches | "Number" >> beam.Map(number, beam.pvalue.AsSingleton(offsets))
+
+
+def shard_parts(batch: tuple) -> list[tuple[str, tuple[int, list[int]]]]:
+    """A numbered batch → (shard name, (chunk, its kept row ids in that shard)), usually one or
+    two: only row ids travel to the shard writer, which reads the rows from the checkpoint."""
+    chunk, records = batch
+    parts: dict[str, list[int]] = {}
+    for record in records:
+        if record.get("shard"):
+            parts.setdefault(record["shard"], []).append(record["row_id"])
+    return [(shard, (chunk, row_ids)) for shard, row_ids in parts.items()]
 
 
 def sample_json(record: dict, extra: str) -> dict:
@@ -110,32 +150,27 @@ def sample_members(key: str, jpg: bytes, caption: str, meta: dict) -> bytes:
 
 
 class WriteShard(beam.DoFn):
-    """(shard index, records) → tar + parquet, reading image bytes back from the checkpoints."""
+    """(shard name, its parts: (chunk, row ids)) → tar + parquet, reading the rows and their
+    image bytes back from the chunk checkpoints (kept rows are stored there as they are)."""
 
-    def __init__(self, plan: WorkPlan, prefix: str):
+    def __init__(self, plan: WorkPlan, columns: list[str]):
         self.plan = plan
-        self.prefix = prefix
+        self.columns = columns
         self.samples = Metrics.counter("write", "samples")
         self.shards = Metrics.counter("write", "shards")
 
     def process(self, element):
-        index, records = element
-        records = sorted(records, key=lambda r: r["row_id"])
-        wanted: dict[int, set[int]] = defaultdict(set)
-        for record in records:
-            wanted[record["chunk"]].add(record["row_id"])
+        name, parts = element
+        records: list[dict] = []
         payload: dict[int, tuple[bytes, str]] = {}
-        for chunk, row_ids in wanted.items():
-            table = storage.read_parquet(self.plan.fetched_path(chunk), ["row_id", "jpg", "extra"])
-            for row_id, jpg, extra in zip(
-                table.column("row_id").to_pylist(),
-                table.column("jpg").to_pylist(),
-                table.column("extra").to_pylist(),
-                strict=True,
-            ):
-                if row_id in row_ids:
-                    payload[row_id] = (jpg, extra)
-        name = shard_name(self.prefix, index)
+        for chunk, row_ids in parts:
+            wanted = set(row_ids)
+            rows = storage.read_parquet(self.plan.fetched_path(chunk), self.columns).to_pylist()
+            for row in rows:
+                if row["row_id"] in wanted:
+                    payload[row["row_id"]] = (row.pop("jpg"), row.pop("extra"))
+                    records.append(row)
+        records.sort(key=lambda r: r["row_id"])
         tar_path = storage.join(self.plan.out_dir, name + ".tar")
         with storage.atomic_writer(tar_path) as handle:
             written = 0

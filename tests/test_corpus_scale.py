@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 
 import apache_beam as beam
+import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
+from tests.record_batches import as_batches, rows_of
 from vlforge.pipeline.dedup import (
     FirstDistinctHashes,
     MarkExactDuplicates,
@@ -25,8 +27,9 @@ def _marks(records: list[dict], transform, expected: list[tuple]) -> None:
     with beam.Pipeline() as p:
         marked = (
             p
-            | beam.Create(records)
+            | beam.Create(as_batches(records))
             | transform
+            | rows_of()
             | beam.Map(lambda r: (r["row_id"], r["status"], r.get("reason", ""), r.get("detail")))
         )
         assert_that(marked, equal_to(expected))
@@ -53,7 +56,8 @@ def _all_pairs_near(records: list[dict], max_distance: int) -> list[tuple]:
     return sorted(out)
 
 
-def test_near_dedup_equals_all_pairs_on_clustered_hashes():
+@pytest.mark.parametrize("buckets", [1, 7])
+def test_near_dedup_equals_all_pairs_on_clustered_hashes(buckets):
     rng = random.Random(3)
     centres = [rng.getrandbits(64) for _ in range(25)]
     records = []
@@ -65,7 +69,7 @@ def test_near_dedup_equals_all_pairs_on_clustered_hashes():
     rng.shuffle(records)  # input order must not matter, only row ids
     expected = _all_pairs_near(records, 4)
     assert sum(1 for g in expected if g[1] == "duplicate") > 50  # the clusters make twins
-    _marks(records, MarkNearDuplicates(4), expected)
+    _marks(records, MarkNearDuplicates(4, buckets=buckets), expected)
 
 
 def test_hot_band_of_thousands_of_identical_hashes_completes_and_marks_each_copy():
@@ -115,9 +119,14 @@ def test_first_distinct_hashes_merges_partial_accumulators_like_one_pass():
     assert fn.extract_output(fn.merge_accumulators(parts)) == truth
 
 
-def test_exact_dedup_hot_key_keeps_the_first_and_names_it_in_every_copy():
+@pytest.mark.parametrize("buckets", [1, 5])
+def test_exact_dedup_hot_key_keeps_the_first_and_names_it_in_every_copy(buckets):
     records = [_record(i, 0, sha="same") for i in range(3000, 0, -1)]
     records.append(_record(0, 0, sha="same", status="filtered"))  # not a candidate: untouched
     expected = [(0, "filtered", "", None), (1, "ok", "", None)]
     expected += [(i, "duplicate", "duplicate_image", "row 1") for i in range(2, 3001)]
-    _marks(records, MarkExactDuplicates(lambda r: r["sha256"], "duplicate_image"), expected)
+    records += [_record(4000 + i, 0, sha=f"unique-{i}") for i in range(50)]  # other buckets
+    expected += [(4000 + i, "ok", "", None) for i in range(50)]
+    _marks(
+        records, MarkExactDuplicates(lambda r: r["sha256"], "duplicate_image", buckets), expected
+    )

@@ -5,6 +5,7 @@ import random
 import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
+from tests.record_batches import as_batches, rows_of
 from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates, hamming, phash_bands
 
 
@@ -35,8 +36,9 @@ def test_exact_duplicates_keep_the_first_row():
     with beam.Pipeline() as p:
         out = (
             p
-            | beam.Create(records)
+            | beam.Create(as_batches(records))
             | MarkExactDuplicates(lambda r: r["sha256"], "duplicate_image")
+            | rows_of()
             | beam.Map(lambda r: (r["row_id"], r["status"], r["reason"]))
         )
         assert_that(
@@ -65,8 +67,9 @@ def test_near_duplicates_within_distance_only():
     with beam.Pipeline() as p:
         out = (
             p
-            | beam.Create(records)
+            | beam.Create(as_batches(records))
             | MarkNearDuplicates(4)
+            | rows_of()
             | beam.Map(lambda r: (r["row_id"], r["status"], r["reason"], r.get("detail", "")))
         )
         assert_that(

@@ -14,6 +14,7 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
+from tests.record_batches import as_batches, rows_of
 from vlforge.pipeline.dedup import MarkNearDuplicates, hamming
 
 
@@ -55,8 +56,9 @@ def test_pairs_at_the_distance_are_duplicates_one_more_bit_are_not(distance):
     with beam.Pipeline() as p:
         marked = (
             p
-            | beam.Create(records)
+            | beam.Create(as_batches(records))
             | MarkNearDuplicates(distance)
+            | rows_of()
             | beam.Map(lambda r: (r["row_id"], r["status"], r.get("reason", "")))
         )
         assert_that(marked, equal_to(expected))
