@@ -124,6 +124,7 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipes", default="", help="comma-separated subset (default: all)")
+    p.add_argument("--no-record", action="store_true", help="do not append to results.md")
     args = p.parse_args()
 
     manifest_path = args.demo / "manifest.json"
@@ -188,8 +189,9 @@ def main() -> int:
     total = time.perf_counter() - started
     table = render(rows, args, total, unigram) + generated
     print(table)
-    with RESULTS.open("a") as handle:
-        handle.write("\n" + table)
+    if not args.no_record:
+        with RESULTS.open("a") as handle:
+            handle.write("\n" + table)
     (args.out / "suite.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"appended to {RESULTS}; {len(rows)} recipes in {total / 60:.1f} min")
     return 0

@@ -183,9 +183,11 @@ def test_clip_reranking_finds_the_image_the_caption_describes(tok):
     has the caption's colour and shape, that one far more often than chance (1/4)."""
     torch.manual_seed(0)
     clip = build_recipe("clip", "small", vocab_size=tok.vocab_size)
-    spec = BatchSpec(inputs=frozenset({"text", "pixels"}), tasks={}, max_text_len=16, image_size=32)
+    spec = BatchSpec(
+        inputs=frozenset({"text", "pixels"}), tasks={}, max_text_len=16, image_size=clip.image_size
+    )
     # Every combination once per batch: no caption is a false negative of another.
-    batch = pair_batch(tok, CAPTIONS, world_pixels())
+    batch = pair_batch(tok, CAPTIONS, world_pixels(clip.image_size))
     opt = torch.optim.Adam(clip.parameters(), lr=1e-3)
     for _ in range(80):
         opt.zero_grad()

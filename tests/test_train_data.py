@@ -375,10 +375,11 @@ def test_sampled_tasks_follow_their_probabilities(tmp_path):
     assert b["task"] in spec.tasks
 
 
-def test_itm_negatives_ratio_and_hard_negatives(tmp_path):
+@pytest.mark.parametrize("paired", [False, True])
+def test_itm_negatives_ratio_and_hard_negatives(tmp_path, paired):
     samples = _samples(tmp_path, 24)
     tok = train_wordpiece([s["txt"] for s in samples], vocab_size=120)
-    m = MaskingConfig(itm_neg_ratio=0.3, hard_neg_ratio=1.0)
+    m = MaskingConfig(itm_neg_ratio=0.3, hard_neg_ratio=1.0, itm_paired=paired)
     asm = Assembler(BatchSpec(tasks={"itm": 1}, masking=m), tok)
     negs, hard, total = 0, 0, 0
     hard_caps = {s["mine.json"]["hard_negatives"][0]["caption"] for s in samples}
@@ -394,7 +395,7 @@ def test_itm_negatives_ratio_and_hard_negatives(tmp_path):
         )
     assert abs(negs / total - 0.3) < 0.02
     assert hard >= 0.95 * negs  # hard_neg_ratio=1: negatives come from mine.json
-    m = MaskingConfig(itm_neg_ratio=0.5, hard_neg_ratio=0.0, itm_image_swap=0.5)
+    m = MaskingConfig(itm_neg_ratio=0.5, hard_neg_ratio=0.0, itm_image_swap=0.5, itm_paired=paired)
     asm = Assembler(BatchSpec(tasks={"itm": 1}, masking=m), tok)
     swaps = 0
     for i in range(200):
@@ -420,13 +421,14 @@ def test_paired_itm_negatives_share_a_modality_with_a_matched_row(tmp_path):
             assert all(visual[j] == j and captions[j] == samples[j]["txt"] for j in matched)
             for j in np.flatnonzero(labels == 0):
                 assert captions[j] != samples[visual[j]]["txt"]
-                if swap == 1.0:  # a matched row's caption over another image
-                    assert captions[j] in {captions[a] for a in matched}
-                else:  # a matched row's image under another caption
+                if hard_ratio == 1.0:  # a matched row's image under one of its mined captions
                     assert visual[j] in matched
-                if hard_ratio == 1.0:
                     hard = {h["caption"] for h in samples[visual[j]]["mine.json"]["hard_negatives"]}
                     assert captions[j] in hard
+                elif swap == 1.0:  # the row's own caption over a matched row's image
+                    assert captions[j] == samples[j]["txt"] and visual[j] in matched
+                else:  # the row's own image under a matched row's caption
+                    assert visual[j] == j and captions[j] in {captions[a] for a in matched}
             negs += int((labels == 0).sum())
             total += len(labels)
         assert abs(negs / total - 0.5) < 0.05

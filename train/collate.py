@@ -225,9 +225,11 @@ class Assembler:
         labels: np.ndarray,
         rng: np.random.Generator,
     ) -> None:
-        """Row i becomes a negative sharing one modality with matched row a: a's image with a
-        mined hard negative of a (hard_neg_ratio) or another sample's caption, or (image swap)
-        a's caption with another sample's image. Row i's own pair is not shown."""
+        """Row i becomes a negative whose donor is matched row a, so the two rows share one
+        modality: a caption swap keeps row i's own image under a's caption, an image swap
+        (`itm_image_swap`) keeps row i's caption over a's image — the recipe's kind of negative,
+        only with the donor drawn from the batch's matched rows. A mined hard negative
+        (`hard_neg_ratio`) is a's image under one of a's mined captions."""
         cfg = self.spec.masking
         own = samples[a]["txt"]
         hard = [
@@ -235,15 +237,14 @@ class Assembler:
             for h in (samples[a].get("mine.json") or {}).get("hard_negatives", [])
             if h.get("caption") and h["caption"] != own
         ]
-        donors = [j for j in range(len(samples)) if j != a and samples[j]["txt"] != own]
         if hard and rng.random() < cfg.hard_neg_ratio:
             visual[i], captions[i] = a, hard[int(rng.integers(len(hard)))]
-        elif not donors:
-            return  # every caption of the batch is a's: row i stays its own matched pair
+        elif samples[i]["txt"] == own:
+            return  # the same caption as its donor: row i stays its own matched pair
         elif rng.random() < cfg.itm_image_swap and self.spec.inputs - {"text"}:
-            visual[i], captions[i] = donors[int(rng.integers(len(donors)))], own
+            visual[i] = a
         else:
-            visual[i], captions[i] = a, samples[donors[int(rng.integers(len(donors)))]]["txt"]
+            captions[i] = own
         labels[i] = 0
 
     # -- the batch ----------------------------------------------------------------------------

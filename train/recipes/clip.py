@@ -53,22 +53,28 @@ class Clip(Recipe):
     inputs = frozenset({"text", "pixels"})
     supported_tasks = frozenset({"contrastive"})
     sizes: ClassVar[dict[str, ClipConfig]] = {  # type: ignore[assignment]
+        # Measured on the demo world (600 steps, batch 32, lr 1e-3; held-out R@1 i2t/t2i over
+        # 100 candidates): 32-wide towers on 32-px images with BERT's 0.02 init stayed near
+        # chance (0.02/0.03, InfoNCE 3.08 of ln 32 = 3.47); init at CLIP's own attention scale
+        # width^-0.5 gave 0.05/0.07, and 64-px images (the world's shapes are a few pixels wide at
+        # 32) 0.16/0.17; 64-wide towers 0.23/0.17 (InfoNCE 1.55).
         "small": ClipConfig(
-            embed_dim=32,
-            text_width=32,
+            embed_dim=64,
+            text_width=64,
             text_layers=2,
-            text_heads=2,
-            text_mlp=64,
+            text_heads=4,
+            text_mlp=128,
             max_len=64,
-            image_size=32,
+            image_size=64,
             patch_size=8,
-            vision_width=32,
+            vision_width=64,
             vision_layers=2,
-            vision_heads=2,
-            vision_mlp=64,
+            vision_heads=4,
+            vision_mlp=128,
             resnet_layers=(1, 1, 1, 1),
             resnet_width=8,
             resnet_heads=2,
+            init_std=64**-0.5,  # CLIP's attn_std = width^-0.5 (BERT's 0.02 is for 768 wide)
         ),  # fmt: skip
         "base": ClipConfig(),
     }
