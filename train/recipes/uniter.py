@@ -3,8 +3,9 @@
 Text: BERT embeddings. Regions: LayerNorm(W_f·feat) + LayerNorm(W_g·7-d geometry) + the image
 segment embedding, LayerNorm'd. Tasks sampled per batch with the mix ratio of UNITER's released
 pretraining config (ITM 2 : MLM 2 : MRFR 1 : MRC-KL 1); ITM batches also train word-region
-alignment by optimal transport (λ = 0.1). "mrc" (hard label), "mrm" (MRFR + MRC-KL) and "wra" alone are available by
-override. Masking is conditional (one modality per row), done by the data side.
+alignment by optimal transport (λ = 0.1). "mrc" (hard label), "mrm" (MRFR + MRC-KL) and "wra"
+alone are available by override. Masking is conditional (one modality per row), done by the data
+side.
 
 "itr" is UNITER's retrieval fine-tuning objective as a task: each image scored against its caption
 and `--itr-negatives` others (mined hard negatives from `mine.json` for a `--hard-neg-ratio` share,
