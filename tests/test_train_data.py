@@ -421,9 +421,9 @@ def test_paired_itm_negatives_share_a_modality_with_a_matched_row(tmp_path):
             assert all(visual[j] == j and captions[j] == samples[j]["txt"] for j in matched)
             for j in np.flatnonzero(labels == 0):
                 assert captions[j] != samples[visual[j]]["txt"]
-                if hard_ratio == 1.0:  # a matched row's image under one of its mined captions
-                    assert visual[j] in matched
-                    hard = {h["caption"] for h in samples[visual[j]]["mine.json"]["hard_negatives"]}
+                if hard_ratio == 1.0:  # the row's own image under one of its mined captions
+                    assert visual[j] == j
+                    hard = {h["caption"] for h in samples[j]["mine.json"]["hard_negatives"]}
                     assert captions[j] in hard
                 elif swap == 1.0:  # the row's own caption over a matched row's image
                     assert captions[j] == samples[j]["txt"] and visual[j] in matched

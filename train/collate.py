@@ -229,17 +229,17 @@ class Assembler:
         modality: a caption swap keeps row i's own image under a's caption, an image swap
         (`itm_image_swap`) keeps row i's caption over a's image — the recipe's kind of negative,
         only with the donor drawn from the batch's matched rows. A mined hard negative
-        (`hard_neg_ratio`) is a's image under one of a's mined captions."""
+        (`hard_neg_ratio`) is row i's own image under one of its mined captions, as unpaired."""
         cfg = self.spec.masking
-        own = samples[a]["txt"]
+        own, mine = samples[a]["txt"], samples[i]["txt"]
         hard = [
             h["caption"]
-            for h in (samples[a].get("mine.json") or {}).get("hard_negatives", [])
-            if h.get("caption") and h["caption"] != own
+            for h in (samples[i].get("mine.json") or {}).get("hard_negatives", [])
+            if h.get("caption") and h["caption"] != mine
         ]
         if hard and rng.random() < cfg.hard_neg_ratio:
-            visual[i], captions[i] = a, hard[int(rng.integers(len(hard)))]
-        elif samples[i]["txt"] == own:
+            captions[i] = hard[int(rng.integers(len(hard)))]
+        elif mine == own:
             return  # the same caption as its donor: row i stays its own matched pair
         elif rng.random() < cfg.itm_image_swap and self.spec.inputs - {"text"}:
             visual[i] = a
