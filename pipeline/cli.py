@@ -38,6 +38,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=1_000, help="rows per crawl checkpoint")
     p.add_argument("--workers", type=int, default=1, help="DirectRunner processes")
     p.add_argument("--threads", type=int, default=32, help="concurrent downloads per worker")
+    p.add_argument(
+        "--image-threads",
+        type=int,
+        default=2,
+        help="images decoded and resized at once per worker (CPU scales with --workers)",
+    )
     g = p.add_argument_group("fetch")
     g.add_argument("--timeout", type=float, default=10.0, help="seconds for connect and each read")
     g.add_argument("--deadline", type=float, default=30.0, help="seconds per attempt in all")
@@ -86,7 +92,7 @@ def config_from_args(args: argparse.Namespace):
     from vlforge.pipeline.filters import FilterConfig, apply_preset
     from vlforge.pipeline.image_processing import RESIZE_MODES, ResizeConfig
 
-    for name in ("threads", "workers", "image_size", "max_bytes", "per_host"):
+    for name in ("threads", "image_threads", "workers", "image_size", "max_bytes", "per_host"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.resize_mode not in RESIZE_MODES:
@@ -148,6 +154,7 @@ def config_from_args(args: argparse.Namespace):
             resize=resize,
             filters=filters,
             threads=args.threads,
+            image_threads=args.image_threads,
             retry_failed=args.retry_failed,
         ),
         overwrite=args.overwrite,

@@ -40,6 +40,10 @@ def lists(tmp_path_factory):
             "at least 1",
         ),
         (
+            ["corpus", "--urls", "{b}/good.parquet", "--out", "{b}/o", "--image-threads", "0"],
+            "--image-threads must be at least 1",
+        ),
+        (
             ["corpus", "--urls", "{b}/good.parquet", "--out", "{b}/o", "--preset", "x"],
             "unknown filter preset",
         ),
