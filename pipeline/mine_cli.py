@@ -10,7 +10,7 @@ from vlforge.errors import UserError
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from vlforge.pipeline.mine_config import MineConfig
-    from vlforge.pipeline.neighbours import NeighbourConfig
+    from vlforge.pipeline.neighbour_config import NeighbourConfig
 
     d, n = MineConfig(), NeighbourConfig()
     p = subparsers.add_parser(
@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from vlforge.pipeline.mine_config import MineConfig
-    from vlforge.pipeline.neighbours import NeighbourConfig
+    from vlforge.pipeline.neighbour_config import NeighbourConfig
 
     for name in ("ivf_threshold", "nprobe", "workers"):
         if getattr(args, name) < 1:

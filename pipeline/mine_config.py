@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vlforge.errors import UserError
-from vlforge.pipeline.neighbours import NeighbourConfig
+from vlforge.pipeline.neighbour_config import NeighbourConfig
 from vlforge.pipeline.rewrites import KINDS
 
 
