@@ -45,7 +45,7 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 # Fast versions of the demo crawl settings (vlforge.demo.DEMO_CORPUS_FLAGS) for tests.
 FAST_CRAWL = [
     "--preset", "datacomp-basic", "--respect-robots", "--allow-private", "127.0.0.0/8",
-    "--timeout", "0.6", "--deadline", "1.5", "--retries", "1", "--backoff", "0.05",
+    "--timeout", "1.0", "--deadline", "2.0", "--retries", "1", "--backoff", "0.05",
     "--max-bytes", str(8 * 1024 * 1024), "--no-progress", "--threads", "48",
 ]  # fmt: skip
 
