@@ -336,6 +336,19 @@ def test_ernie_vil_default_rate_and_mismatched_rows(tok):
     assert 0.2 < chosen / total < 0.45
 
 
+def test_ernie_vil_masks_mismatched_rows_as_often_as_matched_ones(tok):
+    # Scene-graph [MASK]s on matched rows only would tell ITM which pairs match.
+    tasks = {"itm": 1.0, **{t: 1.0 for t in SG_TASKS.values()}}  # no MLM: only the graph masks
+    model = small("ernie_vil", tok.vocab_size, tasks=tasks)
+    masks, rows = [0, 0], [0, 0]
+    for b in range(20):
+        batch = _ernie_batch(tok, model, make_samples(8, seed=300 + b), seed=b)
+        for i, y in enumerate(batch["itm_labels"].tolist()):
+            masks[y] += int((batch["input_ids"][i] == tok.mask_id).sum())
+            rows[y] += 1
+    assert masks[0] > 0 and 0.6 < (masks[0] / rows[0]) / (masks[1] / rows[1]) < 1.6, (masks, rows)
+
+
 def test_each_scene_graph_loss_is_on_its_positions_only(tok):
     model = small("ernie_vil", tok.vocab_size).eval()
     batch = _ernie_batch(tok, model, make_samples(6, seed=7), prob=0.5)
