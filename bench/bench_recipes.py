@@ -196,7 +196,8 @@ def main() -> int:
         with RESULTS.open("a") as handle:
             handle.write("\n" + table)
     (args.out / "suite.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"appended to {RESULTS}; {len(rows)} recipes in {total / 60:.1f} min")
+    where = "not recorded" if args.no_record else f"appended to {RESULTS}"
+    print(f"{where}; {len(rows)} recipes in {total / 60:.1f} min")
     return 0
 
 
