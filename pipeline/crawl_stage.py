@@ -8,6 +8,7 @@ fetched) before its bundle commits and before anything downstream reads them bac
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -51,6 +52,7 @@ CHECKPOINT_SCHEMA = pa.schema(
         ("jpg", pa.binary()),
     ]
 )
+SMALL_IMAGE_BYTES = 64 * 1024  # bodies below this decode one at a time (see image_threads)
 RECORD_FIELDS = [f.name for f in CHECKPOINT_SCHEMA if f.name not in ("jpg", "extra")]
 # What the dedup and sharding steps read and change: the rest of a row stays in its checkpoint
 # until the stats and shard writers read it back (moving all 20 fields through every join cost
@@ -66,9 +68,12 @@ class CrawlSettings:
     threads: int = 32
     # Images decoded, resized and hashed at once per worker. Threads are the crawl's network
     # concurrency; CPU work spreads over processes (--workers): threads in one process contend
-    # for Python's GIL: 32 of them decoding at once crawled the demo world ~15% slower than two
-    # at a time (one: 5% slower than two on real-photo-sized JPEGs) while the rest wait on
-    # their sockets.
+    # for Python's GIL, and 32 of them decoding at once crawled the demo world ~15% slower than
+    # two at a time while the rest waited on their sockets. Small images (SMALL_IMAGE_BYTES)
+    # decode one at a time within that: their time is mostly GIL-held Python around short C
+    # calls, so a second decoder only adds contention (demo world, ~15 KB JPEGs: one at a time
+    # 4% faster than two), while a large photo spends most of its time in C that releases the
+    # GIL (decode, resize), so two at once use two cores (500-2000 px photos: two 8% faster).
     image_threads: int = 2
     retry_failed: bool = False
 
@@ -119,6 +124,7 @@ class CrawlChunk(beam.DoFn):
         self.processor = ImageProcessor(self.settings.resize)
         self.caption_filter = CaptionFilter(self.settings.filters)
         self.image_slots = threading.BoundedSemaphore(self.settings.image_threads)
+        self.small_image_slot = threading.Lock()
         # A chunk's checkpoint is written while the next chunk is fetched: the write (arrow
         # conversion, parquet, storage) left the worker's fetch threads idle ~5% of the crawl.
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
@@ -219,7 +225,8 @@ class CrawlChunk(beam.DoFn):
         if fetched.status != "ok":
             out.update(status=fetched.status, reason=fetched.reason, detail=fetched.detail)
             return
-        with self.image_slots:
+        small = len(fetched.body) < SMALL_IMAGE_BYTES
+        with self.small_image_slot if small else contextlib.nullcontext(), self.image_slots:
             image = self.processor.process(fetched.body)
         if not image.ok:
             out.update(status="failed", reason=image.reason, detail=image.detail)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from vlforge.pipeline.crawl_stage import CrawlChunk, CrawlSettings
+from vlforge.pipeline.crawl_stage import SMALL_IMAGE_BYTES, CrawlChunk, CrawlSettings
 from vlforge.pipeline.fetch import FetchResult
 from vlforge.pipeline.image_processing import ProcessedImage
 from vlforge.pipeline.work_plan import WorkPlan
@@ -26,27 +26,30 @@ class _CountingProcessor:
         with self.lock:
             self.active += 1
             self.most = max(self.most, self.active)
-        hashlib.sha256(body * 200).digest()
+        hashlib.sha256(body * 20).digest()
         with self.lock:
             self.active -= 1
         return ProcessedImage(False, "decode_error", "fake")
 
 
 class _InstantFetcher:
+    def __init__(self, body_bytes: int) -> None:
+        self.body = b"x" * body_bytes
+
     def fetch(self, url: str) -> FetchResult:
-        return FetchResult("ok", "", http_status=200, final_url=url, attempts=1, body=b"x" * 20_000)
+        return FetchResult("ok", "", http_status=200, final_url=url, attempts=1, body=self.body)
 
     def close(self) -> None:
         pass
 
 
-def _crawl(image_threads: int) -> int:
+def _crawl(image_threads: int, body_bytes: int = 200_000) -> int:
     dofn = CrawlChunk(
         WorkPlan("/nonexistent", 200, 200, 1),
         CrawlSettings(threads=16, image_threads=image_threads),
     )
     dofn.setup()
-    dofn.fetcher, dofn.processor = _InstantFetcher(), _CountingProcessor()
+    dofn.fetcher, dofn.processor = _InstantFetcher(body_bytes), _CountingProcessor()
     dofn._requests = 0
     rows = [
         {"row_id": i, "key": str(i), "url": f"http://127.0.0.1/{i}.jpg", "caption": "a red circle",
@@ -61,6 +64,11 @@ def _crawl(image_threads: int) -> int:
 def test_at_most_image_threads_rows_decode_at_once():
     assert _crawl(image_threads=1) == 1
     assert 1 <= _crawl(image_threads=2) <= 2
+    assert 1 <= _crawl(image_threads=3) <= 3
+
+
+def test_small_images_decode_one_at_a_time():
+    assert _crawl(image_threads=4, body_bytes=SMALL_IMAGE_BYTES - 1) == 1
 
 
 def _plan_with_inputs(tmp_path, chunks: int) -> WorkPlan:
