@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import threading
 
+import pyarrow as pa
 import pytest
 
+from vlforge.pipeline import storage
 from vlforge.pipeline.crawl_stage import SMALL_IMAGE_BYTES, CrawlChunk, CrawlSettings
 from vlforge.pipeline.fetch import FetchResult
 from vlforge.pipeline.image_processing import ProcessedImage
-from vlforge.pipeline.work_plan import WorkPlan
+from vlforge.pipeline.work_plan import INPUT_SCHEMA, WorkPlan
 
 
 class _CountingProcessor:
@@ -72,11 +74,6 @@ def test_small_images_decode_one_at_a_time():
 
 
 def _plan_with_inputs(tmp_path, chunks: int) -> WorkPlan:
-    import pyarrow as pa
-
-    from vlforge.pipeline import storage
-    from vlforge.pipeline.work_plan import INPUT_SCHEMA
-
     plan = WorkPlan(str(tmp_path), 2 * chunks, 2, chunks)
     for chunk in range(chunks):
         rows = [
@@ -97,8 +94,6 @@ def _plan_with_inputs(tmp_path, chunks: int) -> WorkPlan:
 
 
 def test_checkpoints_are_written_by_the_end_of_the_bundle(tmp_path):
-    from vlforge.pipeline import storage
-
     plan = _plan_with_inputs(tmp_path, 3)
     dofn = CrawlChunk(plan, CrawlSettings())
     dofn.setup()

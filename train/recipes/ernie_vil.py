@@ -10,8 +10,9 @@ scene-graph node's word span to WordPiece positions (`scene_graph_positions`), p
 with probability `SG_MASK_PROB` (30%, the paper's rate), masks the whole node (80% [MASK],
 10% a random token, 10% kept, one draw per node) and, on the matched rows, writes its original
 ids into that kind's labels (`sg_object_labels`, `sg_attribute_labels`, `sg_relation_labels`;
-IGNORE elsewhere). A position predicted by a scene-graph loss leaves the MLM labels, so no word is counted twice.
-The three losses are cross-entropy of the (shared, tied) MLM head on their own positions only.
+IGNORE elsewhere). A position predicted by a scene-graph loss leaves the MLM labels, so no word
+is counted twice. The three losses are cross-entropy of the (shared, tied) MLM head on their
+own positions only.
 
 Span → WordPiece alignment: `sg.json` spans index the parser's spaCy tokens. Each token is
 located in the caption left to right (case-insensitive, skipping only whitespace; after a token
