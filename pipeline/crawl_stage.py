@@ -1,13 +1,15 @@
 """Beam stage: crawl one chunk of rows (fetch, check, resize, filter) and checkpoint it.
 
-One DoFn call handles a whole chunk with a bounded thread pool, because the network step is
-checkpointed per chunk: a chunk's results are written (atomically, while the next chunk is
+One DoFn call handles a whole chunk: its rows are coroutines on the worker's fetch loop, at most
+--threads in flight, and their images are decoded by a small pool beside it (CrawlSettings
+says why). The network step is checkpointed per chunk: a chunk's results are written (atomically, while the next chunk is
 fetched) before its bundle commits and before anything downstream reads them back
 (ReadChunkRecords), so an interrupted run loses at most the two chunks in flight per worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -65,11 +67,13 @@ class CrawlSettings:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     resize: ResizeConfig = field(default_factory=ResizeConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    # Rows in flight per worker (img2dataset's thread_count): each holds one request, then its
+    # image, so at most this many bodies wait in memory. They are coroutines on one loop thread,
+    # not OS threads (fetch.py says why).
     threads: int = 32
-    # Images decoded, resized and hashed at once per worker. Threads are the crawl's network
-    # concurrency; CPU work spreads over processes (--workers): threads in one process contend
-    # for Python's GIL, and 32 of them decoding at once crawled the demo world ~15% slower than
-    # two at a time while the rest waited on their sockets. Small images (SMALL_IMAGE_BYTES)
+    # Images decoded, resized and hashed at once per worker, by a pool of this many threads. CPU
+    # work spreads over processes (--workers): threads in one process contend for Python's GIL,
+    # and 32 of them decoding at once crawled the demo world ~15% slower than two at a time. Small images (SMALL_IMAGE_BYTES)
     # decode one at a time within that: their time is mostly GIL-held Python around short C
     # calls, so a second decoder only adds contention (demo world, ~15 KB JPEGs: one at a time
     # 4% faster than two), while a large photo spends most of its time in C that releases the
@@ -123,7 +127,9 @@ class CrawlChunk(beam.DoFn):
         self.fetcher = Fetcher(self.settings.fetch)
         self.processor = ImageProcessor(self.settings.resize)
         self.caption_filter = CaptionFilter(self.settings.filters)
-        self.image_slots = threading.BoundedSemaphore(self.settings.image_threads)
+        self.decoders = ThreadPoolExecutor(
+            max_workers=self.settings.image_threads, thread_name_prefix="decode"
+        )
         self.small_image_slot = threading.Lock()
         # A chunk's checkpoint is written while the next chunk is fetched: the write (arrow
         # conversion, parquet, storage) left the worker's fetch threads idle ~5% of the crawl.
@@ -132,6 +138,7 @@ class CrawlChunk(beam.DoFn):
 
     def teardown(self) -> None:
         self.fetcher.close()
+        self.decoders.shutdown(wait=True)
         self.writer.shutdown(wait=True)
 
     def start_bundle(self) -> None:
@@ -181,18 +188,26 @@ class CrawlChunk(beam.DoFn):
         return len(rows)
 
     def _crawl_rows(self, rows: list[dict]) -> list[dict]:
-        with ThreadPoolExecutor(max_workers=self.settings.threads) as pool:
-            results = list(pool.map(self._crawl_row, rows))
-        # Beam metrics belong to the bundle's thread: increments from pool threads would be lost.
+        results = self.fetcher.run(self._crawl_all(rows))
+        # Beam metrics belong to the bundle's thread: increments from the loop would be lost.
         self.rows_counter.inc(len(results))
         self._requests += sum(r["attempts"] or 0 for r in results)
         self.requests_counter.inc(sum(r["attempts"] or 0 for r in results))
         return results
 
-    def _crawl_row(self, row: dict) -> dict:
+    async def _crawl_all(self, rows: list[dict]) -> list[dict]:
+        in_flight = asyncio.Semaphore(self.settings.threads)
+
+        async def crawl(row: dict) -> dict:
+            async with in_flight:
+                return await self._crawl_row(row)
+
+        return await asyncio.gather(*(crawl(row) for row in rows))
+
+    async def _crawl_row(self, row: dict) -> dict:
         out = _empty_row(row)
         try:
-            self._fill(row, out)
+            await self._fill(row, out)
         except Exception as err:  # one row's trouble is that row's status, never the chunk's
             out.update(
                 status="failed",
@@ -204,7 +219,12 @@ class CrawlChunk(beam.DoFn):
             progress.advance(1)
         return out
 
-    def _fill(self, row: dict, out: dict) -> None:
+    def _process(self, body: bytes):
+        small = len(body) < SMALL_IMAGE_BYTES
+        with self.small_image_slot if small else contextlib.nullcontext():
+            return self.processor.process(body)
+
+    async def _fill(self, row: dict, out: dict) -> None:
         dup_of = row.get("dup_of")
         if dup_of is not None and dup_of >= 0:  # repeated URL: decided before any request
             out.update(status="duplicate", reason="duplicate_url", detail=f"row {dup_of}")
@@ -215,7 +235,7 @@ class CrawlChunk(beam.DoFn):
             out.update(status="filtered", reason=verdict.reason)
             return
         started = time.monotonic()
-        fetched = self.fetcher.fetch(row["url"])
+        fetched = await self.fetcher.get(row["url"])
         out.update(
             http_status=fetched.http_status,
             attempts=fetched.attempts,
@@ -225,9 +245,11 @@ class CrawlChunk(beam.DoFn):
         if fetched.status != "ok":
             out.update(status=fetched.status, reason=fetched.reason, detail=fetched.detail)
             return
-        small = len(fetched.body) < SMALL_IMAGE_BYTES
-        with self.small_image_slot if small else contextlib.nullcontext(), self.image_slots:
+        if len(fetched.body) < SMALL_IMAGE_BYTES:
             image = self.processor.process(fetched.body)
+        else:
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(self.decoders, self.processor.process, fetched.body)
         if not image.ok:
             out.update(status="failed", reason=image.reason, detail=image.detail)
             return

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
 
 from protego import Protego
 
@@ -40,27 +40,29 @@ class RobotsCache:
     RFC 9309 parser): `urllib.robotparser` takes the first match and knows no wildcards.
     """
 
-    def __init__(self, fetch_text: Callable[[str], tuple[int, str]], user_agent_token: str):
+    def __init__(
+        self, fetch_text: Callable[[str], Awaitable[tuple[int, str]]], user_agent_token: str
+    ):
         self._fetch_text = fetch_text
         self._token = user_agent_token
         self._parsers: dict[str, Protego | bool] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}
 
-    def allowed(self, origin: str, url: str) -> bool:
-        with self._guard:
-            lock = self._locks.setdefault(origin, threading.Lock())
-        with lock:  # one fetch per origin even when many threads ask at once
-            if origin not in self._parsers:
-                self._parsers[origin] = self._load(origin)
+    async def allowed(self, origin: str, url: str) -> bool:
+        """Whether our agent may fetch `url` (a coroutine on the fetcher's loop)."""
+        if origin not in self._parsers:
+            lock = self._locks.setdefault(origin, asyncio.Lock())
+            async with lock:  # one fetch per origin even when many requests ask at once
+                if origin not in self._parsers:
+                    self._parsers[origin] = await self._load(origin)
         parser = self._parsers[origin]
         if isinstance(parser, bool):
             return parser
         return parser.can_fetch(url, self._token)
 
-    def _load(self, origin: str) -> Protego | bool:
+    async def _load(self, origin: str) -> Protego | bool:
         try:
-            status, text = self._fetch_text(origin + "/robots.txt")
+            status, text = await self._fetch_text(origin + "/robots.txt")
         except Exception:  # unreachable robots.txt: RFC 9309 says assume complete disallow
             return False
         if status == 429:

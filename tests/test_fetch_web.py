@@ -27,10 +27,21 @@ JPEG = _jpeg()
 HTML = b"<!doctype html><html><body>not an image</body></html>"
 
 
+_OPEN: list[Fetcher] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_fetchers():
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def _fetcher(**kw) -> Fetcher:
     config = dict(allowed_networks=LOOPBACK, timeout=2.0, deadline=5.0, retries=0)
     config.update(kw)
-    return Fetcher(FetchConfig(**config))
+    _OPEN.append(Fetcher(FetchConfig(**config)))
+    return _OPEN[-1]
 
 
 @pytest.mark.parametrize(
@@ -192,7 +203,7 @@ def test_keep_alive_reuses_one_connection_and_survives_a_closed_one():
         results = [fetcher.fetch(web.url(f"/{i}.jpg")) for i in range(5)]
         assert all(r.status == "ok" for r in results)
         assert web.connections == 1
-        fetcher._pool.close()  # as if the server had dropped the idle connection
+        fetcher.close_connections()  # as if the server had dropped the idle connection
         assert fetcher.fetch(web.url("/again.jpg")).status == "ok"
         assert web.connections == 2
 
@@ -201,9 +212,7 @@ def test_server_closing_an_idle_keep_alive_connection_is_retried_on_a_fresh_one(
     with WebServer({"*": (200, [("Content-Type", "image/jpeg")], JPEG)}) as web:
         fetcher = _fetcher()
         assert fetcher.fetch(web.url("/a.jpg")).status == "ok"
-        for conns in fetcher._pool._idle.values():  # the server side hangs up
-            for conn in conns:
-                conn.sock.shutdown(socket.SHUT_RDWR)
+        web.hang_up_idle()  # the server side closes its idle keep-alive connection
         result = fetcher.fetch(web.url("/b.jpg"))
     assert result.status == "ok" and result.attempts == 1
 

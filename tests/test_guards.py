@@ -1,5 +1,6 @@
 """Address guard, X-Robots-Tag and robots.txt rules, without any network."""
 
+import asyncio
 import ipaddress
 
 import pytest
@@ -77,8 +78,9 @@ def test_x_robots_tag(values, blocked):
 def _robots(status, text):
     calls = []
 
-    def fetch(url):
+    async def fetch(url):
         calls.append(url)
+        await asyncio.sleep(0.01)  # a slow server: other requests ask meanwhile
         if isinstance(status, Exception):
             raise status
         return status, text
@@ -86,17 +88,26 @@ def _robots(status, text):
     return RobotsCache(fetch, "vlforge"), calls
 
 
+def _allowed(cache: RobotsCache, origin: str, url: str) -> bool:
+    return asyncio.run(cache.allowed(origin, url))
+
+
 def test_robots_txt_rules_and_cache():
     cache, calls = _robots(200, "User-agent: *\nDisallow: /private/\n")
-    assert not cache.allowed("http://h", "http://h/private/a.jpg")
-    assert cache.allowed("http://h", "http://h/img/a.jpg")
-    assert calls == ["http://h/robots.txt"]  # fetched once per origin
+
+    async def ask_at_once():
+        return await asyncio.gather(
+            *(cache.allowed("http://h", f"http://h/{d}/a.jpg") for d in ("private", "img") * 5)
+        )
+
+    assert asyncio.run(ask_at_once()) == [False, True] * 5
+    assert calls == ["http://h/robots.txt"]  # fetched once per origin, however many ask
 
 
 def test_robots_txt_missing_allows_and_unreachable_disallows():
-    assert _robots(404, "")[0].allowed("http://h", "http://h/x")
-    assert not _robots(503, "")[0].allowed("http://h", "http://h/x")
-    assert not _robots(OSError("down"), "")[0].allowed("http://h", "http://h/x")
+    assert _allowed(_robots(404, "")[0], "http://h", "http://h/x")
+    assert not _allowed(_robots(503, "")[0], "http://h", "http://h/x")
+    assert not _allowed(_robots(OSError("down"), "")[0], "http://h", "http://h/x")
 
 
 def test_retryable_reasons():

@@ -6,7 +6,9 @@ raw header bytes, chunked bodies without Content-Length and Content-Encoding, as
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -23,6 +25,7 @@ class WebServer:
     requests: Counter = field(default_factory=Counter)  # raw request path → times asked
     hosts: list[str] = field(default_factory=list)  # Host header of every request
     connections: int = 0
+    _sockets: list[socket.socket] = field(default_factory=list)
 
     def __enter__(self) -> WebServer:
         server = self
@@ -33,6 +36,7 @@ class WebServer:
             def setup(self) -> None:
                 super().setup()
                 server.connections += 1
+                server._sockets.append(self.connection)
 
             def log_message(self, *_: object) -> None:
                 pass
@@ -71,6 +75,13 @@ class WebServer:
     def __exit__(self, *_: object) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    def hang_up_idle(self) -> None:
+        """Close the server's side of every connection so far, as servers drop idle ones."""
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._sockets.clear()
 
     @property
     def port(self) -> int:
