@@ -1,17 +1,15 @@
 """Beam stage: crawl one chunk of rows (fetch, check, resize, filter) and checkpoint it.
 
 One DoFn call handles a whole chunk: its rows are coroutines on the worker's fetch loop, at most
---threads in flight, and their images are decoded by a small pool beside it (CrawlSettings
-says why). The network step is checkpointed per chunk: a chunk's results are written (atomically, while the next chunk is
-fetched) before its bundle commits and before anything downstream reads them back
+--threads in flight; small images decode on that loop, large ones in a small pool beside it
+(CrawlSettings says why). The network step is checkpointed per chunk: a chunk's results are
+written (atomically, while the next chunk is fetched) before its bundle commits and before anything downstream reads them back
 (ReadChunkRecords), so an interrupted run loses at most the two chunks in flight per worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,12 +69,13 @@ class CrawlSettings:
     # image, so at most this many bodies wait in memory. They are coroutines on one loop thread,
     # not OS threads (fetch.py says why).
     threads: int = 32
-    # Images decoded, resized and hashed at once per worker, by a pool of this many threads. CPU
-    # work spreads over processes (--workers): threads in one process contend for Python's GIL,
-    # and 32 of them decoding at once crawled the demo world ~15% slower than two at a time. Small images (SMALL_IMAGE_BYTES)
-    # decode one at a time within that: their time is mostly GIL-held Python around short C
-    # calls, so a second decoder only adds contention (demo world, ~15 KB JPEGs: one at a time
-    # 4% faster than two), while a large photo spends most of its time in C that releases the
+    # Large images decoded, resized and hashed at once per worker, by a pool of this many
+    # threads. CPU work spreads over processes (--workers): threads in one process contend for
+    # Python's GIL, and 32 of them decoding at once crawled the demo world ~15% slower than two
+    # at a time. Small images (SMALL_IMAGE_BYTES) decode on the loop thread itself, one at a
+    # time: their time is mostly GIL-held Python around short C calls, so handing them to
+    # another thread only adds contention (demo world, ~15 KB JPEGs: 2.49 -> 2.3 ms CPU per
+    # row), while a large photo spends most of its time in C that releases the
     # GIL (decode, resize), so two at once use two cores (500-2000 px photos: two 8% faster).
     image_threads: int = 2
     retry_failed: bool = False
@@ -130,7 +129,6 @@ class CrawlChunk(beam.DoFn):
         self.decoders = ThreadPoolExecutor(
             max_workers=self.settings.image_threads, thread_name_prefix="decode"
         )
-        self.small_image_slot = threading.Lock()
         # A chunk's checkpoint is written while the next chunk is fetched: the write (arrow
         # conversion, parquet, storage) left the worker's fetch threads idle ~5% of the crawl.
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
@@ -218,11 +216,6 @@ class CrawlChunk(beam.DoFn):
         finally:
             progress.advance(1)
         return out
-
-    def _process(self, body: bytes):
-        small = len(body) < SMALL_IMAGE_BYTES
-        with self.small_image_slot if small else contextlib.nullcontext():
-            return self.processor.process(body)
 
     async def _fill(self, row: dict, out: dict) -> None:
         dup_of = row.get("dup_of")

@@ -102,18 +102,6 @@ class _Failure(Exception):
         self.retry_after: float | None = None
 
 
-class _Failure(Exception):
-    def __init__(self, status: str, reason: str, detail: str = "", http_status: int = 0):
-        super().__init__(detail or reason)
-        self.status, self.reason, self.detail, self.http_status = (
-            status,
-            reason,
-            detail,
-            http_status,
-        )
-        self.retry_after: float | None = None
-
-
 class _Deadline:
     """The time one attempt may take. Time spent queueing for a host slot or sitting out a
     host's 429 pause is not the server's slowness, so it extends the deadline."""
