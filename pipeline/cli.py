@@ -37,12 +37,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=10_000)
     p.add_argument("--chunk-size", type=int, default=1_000, help="rows per crawl checkpoint")
     p.add_argument("--workers", type=int, default=1, help="DirectRunner processes")
-    p.add_argument("--threads", type=int, default=32, help="concurrent downloads per worker")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=32,
+        help="requests in flight per worker (coroutines on one event loop)",
+    )
     p.add_argument(
         "--image-threads",
         type=int,
         default=2,
-        help="images decoded and resized at once per worker (CPU scales with --workers)",
+        help="threads per worker decoding images of 64 KiB and more (CPU scales with --workers)",
     )
     g = p.add_argument_group("fetch")
     g.add_argument("--timeout", type=float, default=10.0, help="seconds for connect and each read")

@@ -1,6 +1,6 @@
 """Row-level progress from DoFns running in this process (in-memory and multi-threaded runners).
 
-Crawl threads only add to a counter under a lock (updating a tqdm bar from 32 threads per row
+Crawl code only adds to a counter under a lock (updating a tqdm bar per row from 32 threads
 measurably slowed the crawl); the driver's progress thread reads it twice a second. Workers in
 other processes or machines cannot reach this counter: for them the driver counts finished chunk
 checkpoints instead (see corpus.py).

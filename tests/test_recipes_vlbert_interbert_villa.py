@@ -393,8 +393,13 @@ def test_villa_gradients_accumulate_over_k_steps_like_freelb():
             delta = adv.ascend(delta.detach(), delta.grad * k, masks[modality], lr, bound)
     by_hand = _grads(model)
     assert wrapped.keys() == by_hand.keys()
-    for name in wrapped:
-        torch.testing.assert_close(wrapped[name], by_hand[name], rtol=1e-4, atol=1e-6)
+    # Over all parameters at once, not per element: the two orders of summing six backward
+    # passes differ by float32 rounding (~1e-6 absolute, a big relative error on entries that are
+    # zero in exact arithmetic, such as the key biases'), while a wrong step weight or a missing
+    # modality moves the whole gradient by far more than 1e-4 of its norm.
+    flat = torch.cat([wrapped[name].flatten() for name in wrapped])
+    expected = torch.cat([by_hand[name].flatten() for name in wrapped])
+    assert ((flat - expected).norm() / expected.norm()).item() < 1e-4
 
 
 def test_uniter_adversarial_flag_changes_the_update():
