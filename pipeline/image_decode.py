@@ -1,7 +1,8 @@
 """Image bytes to upright 8-bit sRGB pixels: one decode path for every format we accept.
 
-Pillow decodes everything (cv2.imdecode, which img2dataset uses, ignores EXIF orientation and
-mishandles 16-bit, palette and CMYK inputs: sideways or blank images stored as ok). Around
+Pillow decodes everything (cv2.imdecode, which img2dataset uses, ignores ICC profiles and
+mishandles 16-bit, palette and CMYK inputs: blank or off-colour images stored as ok); only plain
+upright JPEGs, where the two give the same pixels, go through cv2 (jpeg_fast_decode.py). Around
 Pillow this module adds what a corpus needs: the format decided by magic bytes, the bomb guard
 from the header alone, JPEG DCT-domain downscaling (`draft`) when the caller needs far fewer
 pixels, EXIF orientation, ICC profiles to sRGB, bit depths scaled rather than clipped, and
@@ -20,6 +21,8 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import ExifTags, Image, ImageCms, ImageOps
+
+from vlforge.pipeline.jpeg_fast_decode import decode_plain_jpeg
 
 # Pillow warns (from several threads at once) about big images and odd metadata; warnings.
 # catch_warnings is not thread-safe, so Pillow's warnings are silenced once, for the process.
@@ -138,6 +141,15 @@ def decode_upright_rgb(data: bytes, max_pixels: int, needed: NeededSize | None =
                 # on the small image, so the request is in stored orientation.
                 w, h = (math.ceil(s * DRAFT_REDUCING_GAP) for s in size)
                 img.draft(None, (h, w) if swaps else (w, h))
+        if (
+            fmt == "jpeg"
+            and orientation == 1
+            and img.mode in ("RGB", "L")
+            and not img.info.get("icc_profile")
+        ):
+            rgb = decode_plain_jpeg(data, (stored_w, stored_h), img.size)
+            if rgb is not None:
+                return Decoded(rgb=rgb, format=fmt, width=width, height=height)
         try:
             img.load()
             if orientation != 1:
