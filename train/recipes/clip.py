@@ -57,7 +57,12 @@ class Clip(Recipe):
         # 100 candidates): 32-wide towers on 32-px images with BERT's 0.02 init stayed near
         # chance (0.02/0.03, InfoNCE 3.08 of ln 32 = 3.47); init at CLIP's own attention scale
         # width^-0.5 gave 0.05/0.07, and 64-px images (the world's shapes are a few pixels wide at
-        # 32) 0.16/0.17; 64-wide towers 0.23/0.17 (InfoNCE 1.55).
+        # 32) 0.16/0.17; 64-wide towers 0.23/0.17 (InfoNCE 1.55). At 1000 steps it underfits
+        # rather than overfits (2026-12-07: R@1 0.27/0.26 held out, 0.33/0.32 on a training
+        # shard), and none of these moved it past 0.31: a ResNet tower (width 8: 0.15/0.14;
+        # width 16: 0.31/0.26 at 1.7x the time; at 96 px 0.27/0.22), 96-px images in 12-px
+        # patches 0.24/0.20, 4-layer towers 0.26/0.23, lr 3e-3 0.28/0.23; zero-shot shape
+        # accuracy stays near chance in all, so the shapes are what it does not learn.
         "small": ClipConfig(
             embed_dim=64,
             text_width=64,
