@@ -3,8 +3,9 @@
 One DoFn call handles a whole chunk: its rows are coroutines on the worker's fetch loop, at most
 --threads in flight; small images decode on that loop, large ones in a small pool beside it
 (CrawlSettings says why). The network step is checkpointed per chunk: a chunk's results are
-written (atomically, while the next chunk is fetched) before its bundle commits and before anything downstream reads them back
-(ReadChunkRecords), so an interrupted run loses at most the two chunks in flight per worker.
+written (atomically, while the next chunk is fetched) before its bundle commits and before
+anything downstream reads them back (ReadChunkRecords), so an interrupted run loses at most the
+two chunks in flight per worker.
 """
 
 from __future__ import annotations
@@ -189,8 +190,9 @@ class CrawlChunk(beam.DoFn):
         results = self.fetcher.run(self._crawl_all(rows))
         # Beam metrics belong to the bundle's thread: increments from the loop would be lost.
         self.rows_counter.inc(len(results))
-        self._requests += sum(r["attempts"] or 0 for r in results)
-        self.requests_counter.inc(sum(r["attempts"] or 0 for r in results))
+        requests = sum(r["attempts"] or 0 for r in results)
+        self._requests += requests
+        self.requests_counter.inc(requests)
         return results
 
     async def _crawl_all(self, rows: list[dict]) -> list[dict]:
