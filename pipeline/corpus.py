@@ -5,10 +5,10 @@ The flow (each step a small transform in its own module), as Beam pipelines:
             keyed min-combiner and write the work chunks (pipeline/plan_stage.py); the launcher
             knows only the lists' metadata (pipeline/input_splits.py)
   crawl:    chunks not yet done → CrawlChunk (fetch, check, resize, filter; one checkpoint each)
-  assemble: every checkpoint → ReadChunkRecords (one batch of records per chunk) →
-            MarkExactDuplicates(image) → MarkNearDuplicates(phash) →
-            MarkExactDuplicates(caption) → AssignShards → WriteShard, and stats.parquet/ (a
-            dataset: one part per chunk, by the workers);
+  assemble: every chunk, as (chunk, marks) → MarkExactDuplicates(image) →
+            MarkNearDuplicates(phash) → MarkExactDuplicates(caption) → AssignShards →
+            WriteShard, and stats.parquet/ (a dataset: one part per chunk, by the workers);
+            each step reads the checkpoint columns it needs (CheckpointColumns);
             then manifest.json and the summary from one small run summary.
 The split lets a rerun skip the network entirely and lets the global steps run where moving
 records is cheap, while the crawl spreads over worker processes or a cluster.
@@ -24,6 +24,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import TextIO
@@ -31,6 +32,7 @@ from typing import TextIO
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import StandardOptions
 from tqdm import tqdm
 
@@ -40,18 +42,18 @@ from vlforge.pipeline.beam_options import assemble_options, build_options, is_lo
 from vlforge.pipeline.crawl_stage import (
     CHECKPOINT_SCHEMA,
     RECORD_FIELDS,
+    CheckpointColumns,
     CrawlChunk,
     CrawlSettings,
-    ReadChunkRecords,
 )
 from vlforge.pipeline.dask_fixes import close_client, spread
-from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates
+from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates, apply_marks
 from vlforge.pipeline.filters import caption_key
 from vlforge.pipeline.funnel import funnel_counts
 from vlforge.pipeline.input_lists import inspect_list, resolve_paths
 from vlforge.pipeline.key_batches import bucket_count
 from vlforge.pipeline.redact import redact
-from vlforge.pipeline.shard_writer import AssignShards, WriteShard, shard_parts
+from vlforge.pipeline.shard_writer import AssignShards, ShardParts, WriteShard, kept_shards
 from vlforge.pipeline.stats_dataset import STATS_NAME, part_name, stats_parts
 from vlforge.pipeline.work_plan import InputSpec, WorkPlan, prepare
 from vlforge.versions import package_versions
@@ -82,37 +84,35 @@ class CorpusConfig:
 
 
 class WriteStatsPart(beam.DoFn):
-    """(chunk, its deduplicated records) → one part of the stats dataset (the checkpoint's rows
-    with their final status, reason, detail and shard); yields its (status, reason) counts.
+    """(chunk, (marks, its first sample number)) → one part of the stats dataset (the
+    checkpoint's rows with their final status, reason, detail and shard); yields its (status,
+    reason) counts.
 
     Each worker writes the parts of the chunks it holds, in parallel; parts go to a staging
     directory first and reach OUT/stats.parquet/ only when the whole run is done.
     """
 
-    def __init__(self, plan: WorkPlan, staging: str):
+    def __init__(self, plan: WorkPlan, staging: str, shard_size: int, prefix: str):
         self.plan = plan
         self.staging = staging
+        self.shard_size = shard_size
+        self.prefix = prefix
 
     def process(self, element):
-        chunk, decided = element
-        by_row = {r["row_id"]: r for r in decided}
+        chunk, (marks, first_sample) = element
         records = storage.read_parquet(self.plan.fetched_path(chunk), RECORD_FIELDS).to_pylist()
-        for record in records:
-            final = by_row[record["row_id"]]
-            record.update(
-                status=final["status"],
-                reason=final["reason"],
-                detail=final["detail"],
-                shard=final.get("shard"),
-            )
+        columns = {name: [r[name] for r in records] for name in ("row_id", "status")}
+        shards = kept_shards(columns, marks, first_sample, self.shard_size, self.prefix)
+        records = apply_marks(records, marks)
         records.sort(key=lambda r: r["row_id"])
-        columns = {name: [r.get(name) for r in records] for name in STATS_SCHEMA.names}
+        table = {name: [r.get(name) for r in records] for name in STATS_SCHEMA.names}
+        table["shard"] = [shards.get(r["row_id"]) for r in records]
         path = storage.join(self.staging, part_name(chunk))
-        storage.write_parquet(path, pa.table(columns, schema=STATS_SCHEMA))
-        counts: dict[tuple[str, str], int] = {}
-        for r in records:
-            pair = (r["status"], r["reason"] or "")
-            counts[pair] = counts.get(pair, 0) + 1
+        storage.write_parquet(path, pa.table(table, schema=STATS_SCHEMA))
+        counts = Counter((r["status"], r["reason"] or "") for r in records)
+        # One counter update per (status, reason) and chunk: one per row cost more than the row.
+        for (status, reason), n in counts.items():
+            Metrics.counter("status", f"{status}:{reason or '-'}").inc(n)
         yield {"counts": sorted(counts.items())}
 
 
@@ -185,33 +185,34 @@ def build_assemble(pipeline: beam.Pipeline, plan: WorkPlan, config: CorpusConfig
 
     One sink at the end (the run summary), every branch feeding it: Beam's DaskRunner (2.78)
     computes only the graph's last transform, so a branch that ends elsewhere would never run.
-    Records move as one batch per chunk; only dedup keys are spread over buckets.
+    Only each chunk's marks move from step to step; every step reads the columns it needs
+    from the chunk checkpoints (pipeline/dedup.py says why), and only dedup keys are spread
+    over buckets.
     """
     filters = config.crawl.filters
     buckets = bucket_count(plan.n_rows)
-    batches = (
-        pipeline
-        | "AllChunks" >> beam.Create(list(range(plan.n_chunks)))
-        | "Records" >> beam.ParDo(ReadChunkRecords(plan))
-    )
+    read = CheckpointColumns(plan)
+    batches = pipeline | "AllChunks" >> beam.Create([(c, {}) for c in range(plan.n_chunks)])
     if filters.dedup_images:
-        batches = batches | MarkExactDuplicates(lambda r: r["sha256"], "duplicate_image", buckets)
+        batches = batches | MarkExactDuplicates(read, "sha256", "duplicate_image", buckets)
     if filters.dedup_near_images:
-        batches = batches | MarkNearDuplicates(filters.phash_max_distance, buckets=buckets)
+        batches = batches | MarkNearDuplicates(read, filters.phash_max_distance, buckets=buckets)
     if filters.dedup_captions:
         batches = batches | MarkExactDuplicates(
-            lambda r: caption_key(r["caption"]), "duplicate_caption", buckets
+            read, "caption", "duplicate_caption", buckets, key_fn=caption_key
         )
-    numbered = batches | "AssignShards" >> AssignShards(config.shard_size, config.prefix)
+    numbered = batches | "AssignShards" >> AssignShards(read)
     # Only (chunk, row ids) go through this shuffle: WriteShard reads the rows and their image
     # bytes back from the chunk checkpoints itself.
     written = (
         numbered
-        | "ShardParts" >> beam.FlatMap(shard_parts)
+        | "ShardParts" >> beam.ParDo(ShardParts(read, config.shard_size, config.prefix))
         | "GroupShard" >> beam.GroupByKey()
         | "WriteShard" >> beam.ParDo(WriteShard(plan, [*RECORD_FIELDS, "jpg", "extra"]))
     )
-    parts = numbered | "WriteStats" >> beam.ParDo(WriteStatsPart(plan, _stats_staging(plan)))
+    parts = numbered | "WriteStats" >> beam.ParDo(
+        WriteStatsPart(plan, _stats_staging(plan), config.shard_size, config.prefix)
+    )
     summary_path = storage.join(plan.work_dir, "assemble-summary.json")
     return (
         (written, parts)

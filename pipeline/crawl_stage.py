@@ -4,7 +4,7 @@ One DoFn call handles a whole chunk: its rows are coroutines on the worker's fet
 --threads in flight; small images decode on that loop, large ones in a small pool beside it
 (CrawlSettings says why). The network step is checkpointed per chunk: a chunk's results are
 written (atomically, while the next chunk is fetched) before its bundle commits and before
-anything downstream reads them back (ReadChunkRecords), so an interrupted run loses at most the
+anything downstream reads them back (CheckpointColumns), so an interrupted run loses at most the
 two chunks in flight per worker.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -55,10 +54,6 @@ CHECKPOINT_SCHEMA = pa.schema(
 )
 SMALL_IMAGE_BYTES = 64 * 1024  # bodies below this decode one at a time (see image_threads)
 RECORD_FIELDS = [f.name for f in CHECKPOINT_SCHEMA if f.name not in ("jpg", "extra")]
-# What the dedup and sharding steps read and change: the rest of a row stays in its checkpoint
-# until the stats and shard writers read it back (moving all 20 fields through every join cost
-# more than the steps themselves).
-DEDUP_FIELDS = ["row_id", "status", "reason", "detail", "sha256", "phash", "caption"]
 
 
 @dataclass(frozen=True)
@@ -94,21 +89,15 @@ def _empty_row(row: dict) -> dict:
     return out
 
 
-class ReadChunkRecords(beam.DoFn):
-    """chunk id → (chunk, one record of DEDUP_FIELDS per row of its checkpoint): one batch per
-    chunk (pipeline/key_batches.py says why)."""
+class CheckpointColumns:
+    """The assemble's ColumnReader: (chunk, columns) → those columns of the chunk's checkpoint,
+    read column-projected (pipeline/dedup.py says why the steps read, not carry, the rows)."""
 
     def __init__(self, plan: WorkPlan):
         self.plan = plan
 
-    def process(self, chunk: int):
-        table = storage.read_parquet(self.plan.fetched_path(chunk), DEDUP_FIELDS)
-        records = table.to_pylist()
-        # One counter update per (status, reason) and chunk: a counter lookup per row cost more
-        # than reading the row.
-        for pair, n in Counter((r["status"], r["reason"] or "-") for r in records).items():
-            Metrics.counter("status", ":".join(pair)).inc(n)
-        yield chunk, records
+    def __call__(self, chunk: int, columns: list[str]) -> dict[str, list]:
+        return storage.read_parquet(self.plan.fetched_path(chunk), columns).to_pydict()
 
 
 class CrawlChunk(beam.DoFn):

@@ -1,7 +1,13 @@
 """Beam transforms that mark duplicates among the rows that passed every filter.
 
-Rows travel as batches, `(chunk, [record])` (see pipeline/key_batches.py for why). The first row
-(lowest row id) of each group is kept, so results do not depend on worker timing.
+What travels between the steps is each batch's marks, `(batch id, marks)`, never its rows:
+`marks` maps a reason to (row ids, the earlier row each one repeats), as numpy arrays. Each step
+reads the one column it needs (plus row id and status) through `read(batch id, columns)` — the
+corpus reads it from the chunk's checkpoint, column-projected — so a runner that keeps a step's
+output in memory (Beam's DaskRunner keeps whole PCollections) holds a few bytes per duplicate,
+not a copy of every record per step (that was ~11 KiB a row per worker). The first row (lowest
+row id) of each group is kept, so results do not depend on worker timing; a row marked by one
+step is no candidate for the later ones.
 
 Both transforms are keyed combiners with bounded state, so a popular key (one placeholder image
 copied a million times) never becomes one list on one worker:
@@ -23,7 +29,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from vlforge.pipeline.key_batches import NotFirstOfKey, spread_by_bucket
+from vlforge.pipeline.key_batches import NotFirstOfKey, key_digests, spread_arrays
 
 # Distinct hashes kept per band key. Results equal an all-pairs comparison whenever a band holds
 # at most this many distinct hashes (copies of one hash count once); beyond it, a row is compared
@@ -31,27 +37,57 @@ from vlforge.pipeline.key_batches import NotFirstOfKey, spread_by_bucket
 # value with 64 other distinct hashes; hot bands are nearly always copies of one image.
 MAX_REPRESENTATIVES = 64
 
-
-def _signed64(phash_hex: str) -> int:
-    """A 64-bit hash as a signed int: Beam's fast coder writes ints up to 63 bits as varints and
-    pickles larger ones one by one (that cost 1 s on 20,000 rows). Distances are counted on the
-    same bits viewed as unsigned."""
-    value = int(phash_hex, 16)
-    return value - (1 << 64) if value >> 63 else value
+# batch id, columns → {column: values, one per row of the batch}
+ColumnReader = Callable[[int, list[str]], dict[str, list]]
+Marks = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def _is_candidate(record: dict) -> bool:
-    return record["status"] == "ok"
+def marked_rows(marks: Marks) -> set[int]:
+    return {row for rows, _ in marks.values() for row in rows.tolist()}
+
+
+def candidates(columns: dict[str, list], marks: Marks) -> list[int]:
+    """Positions of the batch's rows still competing: crawled `ok`, not marked by a step."""
+    skip = marked_rows(marks)
+    return [
+        i
+        for i, (row_id, status) in enumerate(zip(columns["row_id"], columns["status"], strict=True))
+        if status == "ok" and row_id not in skip
+    ]
+
+
+def apply_marks(records: list[dict], marks: Marks) -> list[dict]:
+    """Records with each marked row turned into `duplicate`, its reason and earlier row."""
+    decided = {
+        row: (reason, earlier)
+        for reason, (rows, earliers) in marks.items()
+        for row, earlier in zip(rows.tolist(), earliers.tolist(), strict=True)
+    }
+    if not decided:
+        return records
+    return [
+        {**r, "status": "duplicate", "reason": decided[r["row_id"]][0],
+         "detail": f"row {decided[r['row_id']][1]}"}
+        if r["row_id"] in decided else r
+        for r in records
+    ]  # fmt: skip
+
+
+def _candidate_values(read: ColumnReader, batch_id: int, marks: Marks, column: str):
+    columns = read(batch_id, ["row_id", "status", column])
+    keep = candidates(columns, marks)
+    rows = np.array([columns["row_id"][i] for i in keep], dtype=np.int64)
+    return rows, [columns[column][i] for i in keep]
 
 
 class MarkRows(beam.PTransform):
-    """Record batches + (batch, [(row id, earlier row id)]) marks → the batches with each marked
-    row turned into `reason` naming its earliest earlier row (the min over its marks)."""
+    """(batch, marks) + (batch, (row ids, earlier row ids)) findings → the marks with those rows
+    under `reason`, each naming its earliest earlier row (the min over its findings)."""
 
-    def __init__(self, reason: str, marks, label: str | None = None):
+    def __init__(self, reason: str, found, label: str | None = None):
         super().__init__(label=label)
         self.reason = reason
-        self.marks = marks
+        self.found = found
 
     def expand(self, batches):
         reason = self.reason
@@ -59,136 +95,144 @@ class MarkRows(beam.PTransform):
 
         def apply(joined):
             batch_id, grouped = joined
-            earliest: dict[int, int] = {}
-            for marks in grouped["marks"]:
-                for row_id, earlier in marks:
-                    if earlier < earliest.get(row_id, earlier + 1):
-                        earliest[row_id] = earlier
-            for records in grouped["batch"]:  # exactly one
-                if earliest:
-                    counter.inc(len(earliest))
-                    records = [
-                        {**r, "status": "duplicate", "reason": reason,
-                         "detail": f"row {earliest[r['row_id']]}"}
-                        if r["row_id"] in earliest else r
-                        for r in records
-                    ]  # fmt: skip
-                yield batch_id, records
+            found = list(grouped["found"])
+            for marks in grouped["marks"]:  # exactly one
+                if found:
+                    rows = np.concatenate([r for r, _ in found])
+                    earlier = np.concatenate([e for _, e in found])
+                    order = np.lexsort((earlier, rows))  # by row, then earlier: first is the min
+                    rows, earlier = rows[order], earlier[order]
+                    first = np.ones(len(rows), dtype=bool)
+                    first[1:] = rows[1:] != rows[:-1]
+                    counter.inc(int(first.sum()))
+                    marks = {**marks, reason: (rows[first], earlier[first])}
+                yield batch_id, marks
 
         return (
-            {"batch": batches, "marks": self.marks}
+            {"marks": batches, "found": self.found}
             | "Join" >> beam.CoGroupByKey()
             | "Apply" >> beam.FlatMap(apply)
         )
 
 
 class MarkExactDuplicates(beam.PTransform):
-    """Rows sharing `key_fn(record)` keep only their first; the rest become `reason`."""
+    """Rows sharing `key_fn(value of column)` keep only their first; the rest become `reason`."""
 
-    def __init__(self, key_fn: Callable[[dict], str], reason: str, buckets: int = 1):
+    def __init__(
+        self,
+        read: ColumnReader,
+        column: str,
+        reason: str,
+        buckets: int = 1,
+        key_fn: Callable[[str], str] = str,
+    ):
         super().__init__(label=f"Mark {reason}")
-        self.key_fn = key_fn
+        self.read = read
+        self.column = column
         self.reason = reason
         self.buckets = buckets
+        self.key_fn = key_fn
 
     def expand(self, batches):
-        key_fn = self.key_fn
-        losers = (
-            batches
-            | "Keys"
-            >> beam.MapTuple(
-                lambda batch_id, records: (
-                    batch_id,
-                    [(r["row_id"], key_fn(r)) for r in records if _is_candidate(r)],
-                )
-            )
-            | "NotFirst" >> NotFirstOfKey(self.buckets)
-        )
+        read, column, key_fn = self.read, self.column, self.key_fn
+
+        def keys(batch_id, marks):
+            rows, values = _candidate_values(read, batch_id, marks, column)
+            return batch_id, (rows, key_digests(key_fn(v) for v in values))
+
+        losers = batches | "Keys" >> beam.MapTuple(keys) | "NotFirst" >> NotFirstOfKey(self.buckets)
         return batches | "Mark" >> MarkRows(self.reason, losers)
 
 
-def phash_bands(phash_hex: str, max_distance: int) -> list[tuple[int, int]]:
-    """Split a 64-bit hash into max_distance + 1 bands: two hashes within that Hamming distance
-    must agree exactly on at least one band (pigeonhole), so grouping by band finds every pair."""
-    value = int(phash_hex, 16)
+def _signed64(phash_hex: list[str]) -> np.ndarray:
+    """64-bit hashes (hex) as int64, the same bits: distances are counted on them as unsigned."""
+    return np.array([int(h, 16) for h in phash_hex], dtype=np.uint64).view(np.int64)
+
+
+def band_keys(values: np.ndarray, max_distance: int) -> np.ndarray:
+    """int64 hashes → (rows, max_distance + 1) band keys: two hashes within that Hamming distance
+    agree exactly on at least one band (pigeonhole), so grouping by band finds every pair. A key
+    is the band's number in the top byte and its bits below (a single band is the hash)."""
     n_bands = max_distance + 1
+    if n_bands == 1:
+        return values.reshape(-1, 1)
+    bits = values.view(np.uint64)
     bounds = [round(i * 64 / n_bands) for i in range(n_bands + 1)]
-    return [
-        (band, (value >> bounds[band]) & ((1 << (bounds[band + 1] - bounds[band])) - 1))
-        for band in range(n_bands)
-    ]
+    keys = np.empty((len(values), n_bands), dtype=np.uint64)
+    for band in range(n_bands):
+        width = bounds[band + 1] - bounds[band]  # ≤ 32 bits for 2 bands or more
+        part = (bits >> np.uint64(bounds[band])) & np.uint64((1 << width) - 1)
+        keys[:, band] = (np.uint64(band) << np.uint64(56)) | part
+    return keys.view(np.int64)
+
+
+def phash_bands(phash_hex: str, max_distance: int) -> list[int]:
+    """One hash's band keys (see band_keys)."""
+    return band_keys(_signed64([phash_hex]), max_distance)[0].tolist()
 
 
 def hamming(a_hex: str, b_hex: str) -> int:
     return (int(a_hex, 16) ^ int(b_hex, 16)).bit_count()
 
 
-class FirstDistinctHashes(beam.CombineFn):
-    """(row id, hash) → {hash: its first row id} for the `limit` hashes seen first.
+def band_buckets(keys: np.ndarray, buckets: int) -> np.ndarray:
+    """A band key's bucket: a multiplicative hash of the key, so nearby keys spread."""
+    if buckets == 1:
+        return np.zeros(len(keys), dtype=np.int64)
+    mixed = keys.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return ((mixed >> np.uint64(32)) % np.uint64(buckets)).astype(np.int64)
 
-    Mergeable: a hash trimmed from a partial accumulator had `limit` other hashes seen before it
-    there, so it is not among the first `limit` overall either.
+
+def first_distinct(keys, rows, values, limit: int):
+    """(band key, row, hash) triples → per key its first `limit` distinct hashes (each with its
+    lowest row), sorted by key then row.
+
+    Mergeable: a hash cut from a partial result had `limit` other hashes with lower rows there,
+    so it is not among the first `limit` overall either.
     """
+    order = np.lexsort((rows, values, keys))  # per (key, hash), lowest row first
+    keys, rows, values = keys[order], rows[order], values[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = (keys[1:] != keys[:-1]) | (values[1:] != values[:-1])
+    keys, rows, values = keys[first], rows[first], values[first]
+    order = np.lexsort((rows, keys))
+    keys, rows, values = keys[order], rows[order], values[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    rank = np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+    keep = rank < limit
+    return keys[keep], rows[keep], values[keep]
+
+
+class BandRepresentatives(beam.CombineFn):
+    """(batch, band keys, row ids, hashes) → (keys, rows, hashes): each band key's first
+    `limit` distinct hashes by row id, sorted by key then row. Parts are compacted whenever the
+    pending ones outgrow the compacted one, so state stays O(band keys × limit)."""
 
     def __init__(self, limit: int):
         self.limit = limit
 
-    def create_accumulator(self) -> dict[int, int]:
-        return {}
+    def create_accumulator(self) -> list:
+        return []
 
-    def _trim(self, acc: dict[int, int]) -> dict[int, int]:
-        if len(acc) <= self.limit:
+    def _compact(self, acc: list) -> list:
+        if not acc:
             return acc
-        return dict(sorted(acc.items(), key=lambda kv: kv[1])[: self.limit])
+        return [
+            first_distinct(*(np.concatenate(parts) for parts in zip(*acc, strict=True)), self.limit)
+        ]
 
-    def add_input(self, acc: dict[int, int], element: tuple[int, int]) -> dict[int, int]:
-        row_id, value = element
-        if row_id < acc.get(value, row_id + 1):
-            acc[value] = row_id
-        # Trim lazily (at twice the limit) so adding stays O(1) amortized.
-        return self._trim(acc) if len(acc) > 2 * self.limit else acc
+    def add_input(self, acc: list, element: tuple) -> list:
+        acc.append(element[1:])
+        pending = sum(len(part[0]) for part in acc[1:])
+        return self._compact(acc) if pending > max(65_536, 2 * len(acc[0][0])) else acc
 
-    def merge_accumulators(self, accumulators) -> dict[int, int]:
-        merged: dict[int, int] = {}
-        for acc in accumulators:
-            for value, row_id in acc.items():
-                if row_id < merged.get(value, row_id + 1):
-                    merged[value] = row_id
-            merged = self._trim(merged) if len(merged) > 2 * self.limit else merged
-        return merged
+    def merge_accumulators(self, accumulators) -> list:
+        return self._compact([part for acc in accumulators for part in acc])
 
-    def extract_output(self, acc: dict[int, int]) -> list[tuple[int, int]]:
-        return sorted((row_id, value) for value, row_id in self._trim(acc).items())
-
-
-class BandRepresentatives(beam.CombineFn):
-    """(batch, [(band key, row id, hash)]) → {band key: its first distinct hashes, by row id}:
-    one FirstDistinctHashes per band key of the bucket."""
-
-    def __init__(self, limit: int):
-        self.per_band = FirstDistinctHashes(limit)
-
-    def create_accumulator(self) -> dict:
-        return {}
-
-    def add_input(self, acc: dict, element: tuple) -> dict:
-        per_band = self.per_band
-        for band_key, row_id, value in element[1]:
-            band = acc.get(band_key)
-            acc[band_key] = per_band.add_input({} if band is None else band, (row_id, value))
-        return acc
-
-    def merge_accumulators(self, accumulators) -> dict:
-        merged: dict = {}
-        for acc in accumulators:
-            for band_key, band in acc.items():
-                if band_key in merged:
-                    band = self.per_band.merge_accumulators([merged[band_key], band])
-                merged[band_key] = band
-        return merged
-
-    def extract_output(self, acc: dict) -> dict:
-        return {key: self.per_band.extract_output(band) for key, band in acc.items()}
+    def extract_output(self, acc: list) -> tuple:
+        acc = self._compact(acc)
+        empty = np.zeros(0, dtype=np.int64)
+        return acc[0] if acc else (empty, empty, empty)
 
 
 class RepresentativeIndex:
@@ -198,32 +242,24 @@ class RepresentativeIndex:
 
     SLICE = 4096  # members per numpy pass: pairs (≤ K each) stay a few MB whatever the chunk
 
-    def __init__(self, reps: dict):
-        self.slices: dict = {}
-        rows: list[int] = []
-        values: list[int] = []
-        for key, items in reps.items():
-            self.slices[key] = (len(rows), len(items))
-            for row_id, value in items:
-                rows.append(row_id)
-                values.append(value)
-        self.rows = np.array(rows, dtype=np.int64)
-        self.values = np.array(values, dtype=np.int64)
+    def __init__(self, reps: tuple):
+        keys, self.rows, self.values = reps
+        self.keys, self.starts, self.counts = np.unique(keys, return_index=True, return_counts=True)
 
-    def earliest_twins(self, members: list, max_distance: int) -> list[tuple[int, int]]:
-        """(band key, row id, signed hash) members → (row id, its earliest representative row
-        within `max_distance` bits, over all the row's bands here) for rows that have one."""
-        found: list[tuple[int, int]] = []
-        for start in range(0, len(members), self.SLICE):
-            found += self._twins(members[start : start + self.SLICE], max_distance)
-        return found
+    def earliest_twins(self, keys, rows, values, max_distance: int) -> tuple:
+        """Members (band key, row id, hash) → (row ids, each one's earliest representative row
+        within `max_distance` bits over all its bands here), for rows that have one."""
+        found = [
+            self._twins(keys[s : s + self.SLICE], rows[s : s + self.SLICE],
+                        values[s : s + self.SLICE], max_distance)
+            for s in range(0, len(keys), self.SLICE)
+        ]  # fmt: skip
+        return tuple(np.concatenate(parts) for parts in zip(*found, strict=True)) if found else ()
 
-    def _twins(self, members: list, max_distance: int) -> list[tuple[int, int]]:
-        spans = np.array([self.slices[key] for key, _, _ in members], dtype=np.int64)
-        rows = np.array([row_id for _, row_id, _ in members], dtype=np.int64)
-        values = np.array([value for _, _, value in members], dtype=np.int64)
-        starts, counts = spans[:, 0], spans[:, 1]
-        member = np.repeat(np.arange(len(members)), counts)  # one entry per (member, rep) pair
+    def _twins(self, keys, rows, values, max_distance: int) -> tuple:
+        at = np.searchsorted(self.keys, keys)  # every member's key is here: it fed the combiner
+        starts, counts = self.starts[at], self.counts[at]
+        member = np.repeat(np.arange(len(keys)), counts)  # one entry per (member, rep) pair
         rep = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
         close = np.bitwise_count((values[member] ^ self.values[rep]).view(np.uint64))
         hit = (self.rows[rep] < rows[member]) & (close <= max_distance)
@@ -232,7 +268,7 @@ class RepresentativeIndex:
         hit_rows, twin_rows = hit_rows[order], twin_rows[order]
         first = np.ones(len(hit_rows), dtype=bool)
         first[1:] = hit_rows[1:] != hit_rows[:-1]
-        return list(zip(hit_rows[first].tolist(), twin_rows[first].tolist(), strict=True))
+        return hit_rows[first], twin_rows[first]
 
 
 class MarkNearDuplicates(beam.PTransform):
@@ -241,38 +277,39 @@ class MarkNearDuplicates(beam.PTransform):
     bands' first `max_representatives` distinct hashes (bounded work and memory per band)."""
 
     def __init__(
-        self, max_distance: int, max_representatives: int = MAX_REPRESENTATIVES, buckets: int = 1
+        self,
+        read: ColumnReader,
+        max_distance: int,
+        max_representatives: int = MAX_REPRESENTATIVES,
+        buckets: int = 1,
     ):
         super().__init__(label="Mark near_duplicate_image")
+        self.read = read
         self.max_distance = max_distance
         self.max_representatives = max_representatives
         self.buckets = buckets
 
     def expand(self, batches):
-        max_distance = self.max_distance
+        read, max_distance, buckets = self.read, self.max_distance, self.buckets
 
-        def band_members(batch_id, records):
-            members = []
-            for r in records:
-                if _is_candidate(r):
-                    value = _signed64(r["phash"])
-                    for band_key in phash_bands(r["phash"], max_distance):
-                        members.append((band_key, r["row_id"], value))
-            return batch_id, members
+        def band_members(batch_id, marks):
+            rows, hashes = _candidate_values(read, batch_id, marks, "phash")
+            values = _signed64(hashes)
+            keys = band_keys(values, max_distance)
+            n_bands = keys.shape[1]
+            keys = keys.reshape(-1)
+            rows, values = np.repeat(rows, n_bands), np.repeat(values, n_bands)
+            yield from spread_arrays(batch_id, band_buckets(keys, buckets), keys, rows, values)
 
         def earlier_twins(joined):
             _bucket, grouped = joined
             index = RepresentativeIndex(next(iter(grouped["reps"])))
-            for batch_id, members in grouped["members"]:  # streamed: one part at a time
-                twins = index.earliest_twins(members, max_distance)
-                if twins:
+            for batch_id, keys, rows, values in grouped["members"]:  # streamed, part by part
+                twins = index.earliest_twins(keys, rows, values, max_distance)
+                if twins and len(twins[0]):
                     yield batch_id, twins
 
-        members = (
-            batches
-            | "Bands" >> beam.MapTuple(band_members)
-            | "Spread" >> beam.FlatMap(spread_by_bucket, self.buckets, lambda m: m[0])
-        )
+        members = batches | "Bands" >> beam.FlatMapTuple(band_members)
         representatives = members | "Representatives" >> beam.CombinePerKey(
             BandRepresentatives(self.max_representatives)
         )

@@ -4,12 +4,12 @@ Two small pipelines, run before the crawl (and never again once `_work/plan.json
   count (only for csv/tsv/jsonl pieces, whose row counts no metadata holds):
       pieces → CountPiece → one summary of (piece, rows, byte range)
   split:
-      pieces → PieceUrls → NotFirstOfKey(normalized URL) → (piece, [(row, first row)])
+      pieces → PieceUrls → NotFirstOfKey(normalized URL) → (piece, (rows, first rows))
              ↘ CoGroupByKey by piece ↙
       WritePiece: the piece read again, its rows normalized, numbered, marked and written as
       `_work/input/chunk-N.parquet` → one summary (rows, chunks, repeated URLs, errors)
 Repeated URLs are decided before any request (the lowest row id wins), by a keyed min-combiner:
-no process holds every URL. Only (URL, row id) pairs are shuffled; captions and extra columns
+no process holds every URL. Only (row id, 16-byte URL digest) arrays are shuffled; captions and extra columns
 stay with the worker that reads the piece. A piece that cannot be read is reported as one error
 line in the summary, which the launcher raises.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
@@ -31,7 +32,7 @@ from vlforge.pipeline.input_lists import (
     iter_piece_urls,
     unreadable_message,
 )
-from vlforge.pipeline.key_batches import NotFirstOfKey, bucket_count
+from vlforge.pipeline.key_batches import NotFirstOfKey, bucket_count, key_digests
 from vlforge.pipeline.urls import normalize_url, sample_key
 from vlforge.pipeline.work_plan import INPUT_SCHEMA, WorkPlan
 
@@ -104,13 +105,14 @@ def build_count(pipeline, pieces: list[Piece], url_col: str, summary_path: str):
 
 
 def _url_pairs(url_col: str) -> Callable[[Piece], object]:
-    """A piece → (piece index, [(row id, normalized URL)]) per batch of its rows."""
+    """A piece → (piece index, (row ids, digests of the normalized URLs)) per batch of its rows."""
 
     def pairs(piece: Piece):
         row_id = piece.first_row
         try:
             for batch in iter_piece_urls(piece, url_col):
-                yield piece.index, [(row_id + i, normalize_url(url)) for i, url in enumerate(batch)]
+                rows = np.arange(row_id, row_id + len(batch), dtype=np.int64)
+                yield piece.index, (rows, key_digests(normalize_url(url) for url in batch))
                 row_id += len(batch)
         except _READ_ERRORS:
             return  # WritePiece reads the piece again and reports the error
@@ -130,7 +132,11 @@ class WritePiece(beam.DoFn):
     def process(self, element):
         _index, grouped = element
         piece = next(iter(grouped["piece"]))
-        repeated = {row: first for part in grouped["dups"] for row, first in part}
+        repeated = {
+            row: first
+            for rows, firsts in grouped["dups"]
+            for row, first in zip(rows.tolist(), firsts.tolist(), strict=True)
+        }
         try:
             chunks = self._write(piece, repeated)
         except _READ_ERRORS as err:

@@ -13,6 +13,7 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from vlforge.pipeline import storage
+from vlforge.pipeline.dedup import ColumnReader, Marks, candidates
 from vlforge.pipeline.mine_tar import end_of_archive, member_bytes
 from vlforge.pipeline.work_plan import WorkPlan
 
@@ -51,49 +52,71 @@ class ChunkOffsets(beam.CombineFn):
         return offsets
 
 
-class AssignShards(beam.PTransform):
-    """Record batches (chunk, records) → the same batches, each kept record given the `shard`
-    it goes to, numbering kept records by row id across all chunks."""
+def kept_shards(
+    columns: dict[str, list], marks: Marks, first_sample: int, shard_size: int, prefix: str
+) -> dict[int, str]:
+    """{row id: shard} for a chunk's kept rows (ok, not marked), numbered in row-id order from
+    the chunk's first sample number."""
+    kept = sorted(columns["row_id"][i] for i in candidates(columns, marks))
+    return {row: shard_name(prefix, (first_sample + n) // shard_size) for n, row in enumerate(kept)}
 
-    def __init__(self, shard_size: int, prefix: str):
+
+class AssignShards(beam.PTransform):
+    """(chunk, marks) → (chunk, (marks, number of its first kept sample)), numbering kept rows
+    by row id across all chunks; each chunk's rows are read (row id and status only) here and
+    again by whoever needs their shards (`kept_shards`), never carried."""
+
+    def __init__(self, read: ColumnReader):
         super().__init__()
+        self.read = read
+
+    def expand(self, batches):
+        read = self.read
+
+        def count(chunk, marks):
+            return chunk, len(candidates(read(chunk, ["row_id", "status"]), marks))
+
+        # Joined by chunk rather than read as a side input: on Beam's DaskRunner (2.78) a task
+        # reading a side input keeps an open dask metrics context that records every task the
+        # worker runs after it, so memory grew with chunks × tasks (~90 MB per worker at 100k
+        # rows, measured).
+        offsets = (
+            batches
+            | "Count" >> beam.MapTuple(count)
+            | "Offsets" >> beam.CombineGlobally(ChunkOffsets())
+            | "PerChunk" >> beam.FlatMap(lambda offsets_by_chunk: offsets_by_chunk.items())
+        )
+
+        def number(joined):
+            chunk, grouped = joined
+            (marks,), (first_sample,) = grouped["marks"], grouped["offset"]
+            return chunk, (marks, first_sample)
+
+        return (
+            {"marks": batches, "offset": offsets}
+            | "Join" >> beam.CoGroupByKey()
+            | "Number" >> beam.Map(number)
+        )
+
+
+class ShardParts(beam.DoFn):
+    """A numbered chunk → (shard name, (chunk, its kept row ids in that shard)), usually one or
+    two: only row ids travel to the shard writer, which reads the rows from the checkpoint."""
+
+    def __init__(self, read: ColumnReader, shard_size: int, prefix: str):
+        self.read = read
         self.shard_size = shard_size
         self.prefix = prefix
 
-    def expand(self, batches):
-        offsets = (
-            batches
-            | "Count"
-            >> beam.MapTuple(
-                lambda chunk, records: (chunk, sum(r["status"] == "ok" for r in records))
-            )
-            | "Offsets" >> beam.CombineGlobally(ChunkOffsets())
-        )
-        shard_size, prefix = self.shard_size, self.prefix
-
-        def number(element, offsets_by_chunk):
-            chunk, records = element
-            index = offsets_by_chunk[chunk]
-            numbered = []
-            for record in sorted(records, key=lambda r: r["row_id"]):
-                if record["status"] == "ok":
-                    record = {**record, "shard": shard_name(prefix, index // shard_size)}
-                    index += 1
-                numbered.append(record)
-            return chunk, numbered
-
-        return batches | "Number" >> beam.Map(number, beam.pvalue.AsSingleton(offsets))
-
-
-def shard_parts(batch: tuple) -> list[tuple[str, tuple[int, list[int]]]]:
-    """A numbered batch → (shard name, (chunk, its kept row ids in that shard)), usually one or
-    two: only row ids travel to the shard writer, which reads the rows from the checkpoint."""
-    chunk, records = batch
-    parts: dict[str, list[int]] = {}
-    for record in records:
-        if record.get("shard"):
-            parts.setdefault(record["shard"], []).append(record["row_id"])
-    return [(shard, (chunk, row_ids)) for shard, row_ids in parts.items()]
+    def process(self, element):
+        chunk, (marks, first_sample) = element
+        columns = self.read(chunk, ["row_id", "status"])
+        parts: dict[str, list[int]] = {}
+        shards = kept_shards(columns, marks, first_sample, self.shard_size, self.prefix)
+        for row_id, shard in shards.items():
+            parts.setdefault(shard, []).append(row_id)
+        for shard, row_ids in parts.items():
+            yield shard, (chunk, row_ids)
 
 
 def sample_json(record: dict, extra: str) -> dict:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import random
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from tests.record_batches import as_batches, rows_of
+from tests.record_batches import marked_rows_of
 from vlforge.pipeline.dedup import (
-    FirstDistinctHashes,
+    BandRepresentatives,
     MarkExactDuplicates,
     MarkNearDuplicates,
     hamming,
@@ -22,15 +23,12 @@ def _record(row_id: int, phash: int, sha: str = "s", status: str = "ok") -> dict
     return {"row_id": row_id, "phash": f"{phash:016x}", "sha256": sha, "status": status}
 
 
-def _marks(records: list[dict], transform, expected: list[tuple]) -> None:
-    """Run `transform` over `records`; (row id, status, reason, detail) must equal `expected`."""
+def _marks(records: list[dict], make_transform, expected: list[tuple]) -> None:
+    """Run `make_transform(reader)` over `records`; (row id, status, reason, detail) must equal
+    `expected`."""
     with beam.Pipeline() as p:
-        marked = (
-            p
-            | beam.Create(as_batches(records))
-            | transform
-            | rows_of()
-            | beam.Map(lambda r: (r["row_id"], r["status"], r.get("reason", ""), r.get("detail")))
+        marked = marked_rows_of(p, records, make_transform) | beam.Map(
+            lambda r: (r["row_id"], r["status"], r.get("reason", ""), r.get("detail"))
         )
         assert_that(marked, equal_to(expected))
 
@@ -69,7 +67,7 @@ def test_near_dedup_equals_all_pairs_on_clustered_hashes(buckets):
     rng.shuffle(records)  # input order must not matter, only row ids
     expected = _all_pairs_near(records, 4)
     assert sum(1 for g in expected if g[1] == "duplicate") > 50  # the clusters make twins
-    _marks(records, MarkNearDuplicates(4, buckets=buckets), expected)
+    _marks(records, lambda read: MarkNearDuplicates(read, 4, buckets=buckets), expected)
 
 
 def test_hot_band_of_thousands_of_identical_hashes_completes_and_marks_each_copy():
@@ -82,7 +80,7 @@ def test_hot_band_of_thousands_of_identical_hashes_completes_and_marks_each_copy
     expected += [(i, "duplicate", "near_duplicate_image", "row 0") for i in range(1, 5000)]
     expected += _all_pairs_near(records[5000:], 4)  # the placeholder is far from all of them
     assert all(hamming(r["phash"], f"{placeholder:016x}") > 4 for r in records[5000:])
-    _marks(records, MarkNearDuplicates(4), expected)
+    _marks(records, lambda read: MarkNearDuplicates(read, 4), expected)
 
 
 def test_hot_band_beyond_the_representative_bound_stays_bounded_and_correct_for_copies():
@@ -95,28 +93,36 @@ def test_hot_band_beyond_the_representative_bound_stays_bounded_and_correct_for_
     records += [_record(300 + i, v) for i, v in enumerate(values)]
     expected = _all_pairs_near(records, 4)
     assert [e[1] for e in expected[300:]] == ["duplicate"] * 300
-    _marks(records, MarkNearDuplicates(4, max_representatives=8), expected)
+    _marks(records, lambda read: MarkNearDuplicates(read, 4, max_representatives=8), expected)
 
 
-def test_first_distinct_hashes_merges_partial_accumulators_like_one_pass():
-    fn = FirstDistinctHashes(3)
+def test_band_representatives_merge_partial_accumulators_like_one_pass():
+    fn = BandRepresentatives(3)
     rng = random.Random(1)
-    elements = [(row, rng.randrange(6)) for row in rng.sample(range(1000), 200)]
-    one = fn.create_accumulator()
-    for e in elements:
-        one = fn.add_input(one, e)
+    # (band key, row, hash): 4 band keys, 6 distinct hashes, rows in random order
+    elements = [(rng.randrange(4), row, rng.randrange(6)) for row in rng.sample(range(1000), 400)]
+
+    def element(part):
+        return (0, *(np.array(column, dtype=np.int64) for column in zip(*part, strict=True)))
+
+    one = fn.add_input(fn.create_accumulator(), element(elements))
     parts = []
-    for start in range(0, 200, 37):  # partial accumulators over arbitrary slices, then merged
-        acc = fn.create_accumulator()
-        for e in elements[start : start + 37]:
-            acc = fn.add_input(acc, e)
-        parts.append(acc)
-    first_rows = {}
-    for row, value in elements:
-        first_rows[value] = min(row, first_rows.get(value, row))
-    truth = sorted(sorted((r, v) for v, r in first_rows.items())[:3])
-    assert fn.extract_output(one) == truth
-    assert fn.extract_output(fn.merge_accumulators(parts)) == truth
+    for start in range(0, 400, 37):  # partial accumulators over arbitrary slices, then merged
+        acc = fn.add_input(fn.create_accumulator(), element(elements[start : start + 20]))
+        parts.append(fn.add_input(acc, element(elements[start + 20 : start + 37])))
+    first_rows: dict[tuple[int, int], int] = {}
+    for key, row, value in elements:
+        first_rows[key, value] = min(row, first_rows.get((key, value), row))
+    truth = []
+    for key in range(4):
+        firsts = sorted((row, value) for (k, value), row in first_rows.items() if k == key)
+        truth += [(key, row, value) for row, value in firsts[:3]]
+
+    def triples(output):
+        return list(zip(*(column.tolist() for column in output), strict=True))
+
+    assert triples(fn.extract_output(one)) == truth
+    assert triples(fn.extract_output(fn.merge_accumulators(parts))) == truth
 
 
 @pytest.mark.parametrize("buckets", [1, 5])
@@ -128,5 +134,7 @@ def test_exact_dedup_hot_key_keeps_the_first_and_names_it_in_every_copy(buckets)
     records += [_record(4000 + i, 0, sha=f"unique-{i}") for i in range(50)]  # other buckets
     expected += [(4000 + i, "ok", "", None) for i in range(50)]
     _marks(
-        records, MarkExactDuplicates(lambda r: r["sha256"], "duplicate_image", buckets), expected
+        records,
+        lambda read: MarkExactDuplicates(read, "sha256", "duplicate_image", buckets),
+        expected,
     )

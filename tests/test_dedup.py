@@ -5,7 +5,7 @@ import random
 import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
-from tests.record_batches import as_batches, rows_of
+from tests.record_batches import marked_rows_of
 from vlforge.pipeline.dedup import MarkExactDuplicates, MarkNearDuplicates, hamming, phash_bands
 
 
@@ -34,13 +34,9 @@ def test_exact_duplicates_keep_the_first_row():
         _record(1, sha="a", status="failed"),
     ]
     with beam.Pipeline() as p:
-        out = (
-            p
-            | beam.Create(as_batches(records))
-            | MarkExactDuplicates(lambda r: r["sha256"], "duplicate_image")
-            | rows_of()
-            | beam.Map(lambda r: (r["row_id"], r["status"], r["reason"]))
-        )
+        out = marked_rows_of(
+            p, records, lambda read: MarkExactDuplicates(read, "sha256", "duplicate_image")
+        ) | beam.Map(lambda r: (r["row_id"], r["status"], r["reason"]))
         assert_that(
             out,
             equal_to(
@@ -65,12 +61,8 @@ def test_near_duplicates_within_distance_only():
         _record(3, f"{base:016x}", status="filtered"),
     ]
     with beam.Pipeline() as p:
-        out = (
-            p
-            | beam.Create(as_batches(records))
-            | MarkNearDuplicates(4)
-            | rows_of()
-            | beam.Map(lambda r: (r["row_id"], r["status"], r["reason"], r.get("detail", "")))
+        out = marked_rows_of(p, records, lambda read: MarkNearDuplicates(read, 4)) | beam.Map(
+            lambda r: (r["row_id"], r["status"], r["reason"], r.get("detail", ""))
         )
         assert_that(
             out,
@@ -80,6 +72,38 @@ def test_near_duplicates_within_distance_only():
                     (1, "duplicate", "near_duplicate_image", "row 0"),
                     (2, "ok", "", ""),
                     (3, "filtered", "", ""),
+                ]
+            ),
+        )
+
+
+def test_a_row_marked_by_one_step_is_no_candidate_for_the_next():
+    # Row 1 repeats row 0's image; row 2 repeats row 1's caption. Row 1 is out after the image
+    # step, so row 2's caption is the first one left and row 2 stays.
+    records = [
+        {**_record(0, sha="a"), "caption": "x"},
+        {**_record(1, sha="a"), "caption": "y"},
+        {**_record(2, sha="b"), "caption": "y"},
+        {**_record(3, sha="c"), "caption": "y"},
+    ]
+
+    def both(read):
+        return MarkExactDuplicates(read, "sha256", "duplicate_image") | MarkExactDuplicates(
+            read, "caption", "duplicate_caption"
+        )
+
+    with beam.Pipeline() as p:
+        out = marked_rows_of(p, records, both, size=2) | beam.Map(
+            lambda r: (r["row_id"], r["status"], r["reason"], r.get("detail"))
+        )
+        assert_that(
+            out,
+            equal_to(
+                [
+                    (0, "ok", "", None),
+                    (1, "duplicate", "duplicate_image", "row 0"),
+                    (2, "ok", "", None),
+                    (3, "duplicate", "duplicate_caption", "row 2"),
                 ]
             ),
         )

@@ -14,7 +14,7 @@ import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from tests.record_batches import as_batches, rows_of
+from tests.record_batches import marked_rows_of
 from vlforge.pipeline.dedup import MarkNearDuplicates, hamming
 
 
@@ -54,11 +54,7 @@ def test_pairs_at_the_distance_are_duplicates_one_more_bit_are_not(distance):
                 (second, "duplicate", "near_duplicate_image") if duplicate else (second, "ok", "")
             )
     with beam.Pipeline() as p:
-        marked = (
-            p
-            | beam.Create(as_batches(records))
-            | MarkNearDuplicates(distance)
-            | rows_of()
-            | beam.Map(lambda r: (r["row_id"], r["status"], r.get("reason", "")))
-        )
+        marked = marked_rows_of(
+            p, records, lambda read: MarkNearDuplicates(read, distance)
+        ) | beam.Map(lambda r: (r["row_id"], r["status"], r.get("reason", "")))
         assert_that(marked, equal_to(expected))

@@ -8,10 +8,17 @@ import subprocess
 import sys
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from vlforge.pipeline.key_batches import FirstRowPerKey, NotFirstOfKey, bucket_count, stable_bucket
+from vlforge.pipeline.key_batches import (
+    FirstRowPerKey,
+    NotFirstOfKey,
+    bucket_count,
+    key_digests,
+    stable_bucket,
+)
 
 
 def _brute_force(pairs: list[tuple[int, str]]) -> list[tuple[int, int]]:
@@ -21,6 +28,10 @@ def _brute_force(pairs: list[tuple[int, str]]) -> list[tuple[int, int]]:
     return sorted((row_id, first[key]) for row_id, key in pairs if first[key] != row_id)
 
 
+def _arrays(pairs: list[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([r for r, _ in pairs], dtype=np.int64), key_digests(k for _, k in pairs)
+
+
 @pytest.mark.parametrize("buckets", [1, 4])
 def test_losers_equal_brute_force_whatever_the_batching_and_order(buckets):
     rng = random.Random(2)
@@ -28,12 +39,17 @@ def test_losers_equal_brute_force_whatever_the_batching_and_order(buckets):
     rng.shuffle(pairs)
     batches = [(i, pairs[i * 45 : (i + 1) * 45]) for i in range(12)]
     batch_of = {row_id: b for b, part in batches for row_id, _ in part}
+    arrays = [(b, _arrays(part)) for b, part in batches]
     with beam.Pipeline() as p:
         losers = (
             p
-            | beam.Create(batches)
+            | beam.Create(arrays)
             | NotFirstOfKey(buckets)
-            | beam.FlatMapTuple(lambda b, found: [(b, row, first) for row, first in found])
+            | beam.FlatMapTuple(
+                lambda b, found: [
+                    (b, r, f) for r, f in zip(*(a.tolist() for a in found), strict=True)
+                ]
+            )
         )
         expected = [(batch_of[row], row, first) for row, first in _brute_force(pairs)]
         assert len(expected) == 440
@@ -43,15 +59,23 @@ def test_losers_equal_brute_force_whatever_the_batching_and_order(buckets):
 def test_first_row_per_key_merges_partial_accumulators_like_one_pass():
     fn = FirstRowPerKey()
     pairs = [(row, f"k{row % 7}") for row in random.Random(4).sample(range(1000), 300)]
-    one = fn.add_input(fn.create_accumulator(), (0, pairs))
-    parts = [
-        fn.add_input(fn.create_accumulator(), (i, pairs[i : i + 41])) for i in range(0, 300, 41)
-    ]
+    one = fn.add_input(fn.create_accumulator(), (0, *_arrays(pairs)))
+    parts = []
+    for i in range(0, 300, 41):  # partial accumulators of two elements each
+        acc = fn.add_input(fn.create_accumulator(), (i, *_arrays(pairs[i : i + 20])))
+        parts.append(fn.add_input(acc, (i, *_arrays(pairs[i + 20 : i + 41]))))
     truth = {}
     for row, key in pairs:
-        truth[key] = min(row, truth.get(key, row))
-    assert fn.extract_output(one) == truth
-    assert fn.extract_output(fn.merge_accumulators(parts)) == truth
+        digest = key_digests([key])[0]
+        truth[digest] = min(row, truth.get(digest, row))
+
+    def as_dict(output):
+        keys, rows = output
+        assert list(keys) == sorted(keys)  # the losers' lookup searches them
+        return dict(zip(keys.tolist(), rows.tolist(), strict=True))
+
+    assert as_dict(fn.extract_output(one)) == truth
+    assert as_dict(fn.extract_output(fn.merge_accumulators(parts))) == truth
 
 
 def test_buckets_grow_with_the_corpus_and_agree_across_processes():
