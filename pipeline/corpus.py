@@ -63,6 +63,11 @@ from vlforge.versions import package_versions
 STATS_SCHEMA = pa.schema(
     [f for f in CHECKPOINT_SCHEMA if f.name in RECORD_FIELDS] + [pa.field("shard", pa.string())]
 )
+# Rows per partition of the assemble on runners that take a partition count (DaskRunner): its
+# elements are a chunk's marks and keys (tens of bytes a row), and every partition is a task
+# per step and shuffle stage; one per chunk made the task bookkeeping, not the rows, most of
+# the workers' memory and time.
+ASSEMBLE_PARTITION_ROWS = 50_000
 # Runners whose workers never share the launcher's disk: a local --out cannot work there.
 REMOTE_ONLY_RUNNERS = ("DataflowRunner", "Flink", "Spark", "PortableRunner", "Prism")
 
@@ -366,7 +371,8 @@ def run_corpus(config: CorpusConfig) -> dict:
     staging = _stats_staging(plan)
     storage.delete(storage.glob(storage.join(staging, "*")))
     storage.makedirs(staging)
-    assemble_opts = spread(assemble_options(options), plan.n_chunks)
+    partitions = min(plan.n_chunks, bucket_count(plan.n_rows, ASSEMBLE_PARTITION_ROWS))
+    assemble_opts = spread(assemble_options(options), partitions)
     results.append(_run(assemble_opts, lambda p: build_assemble(p, plan, config)))
     finished = time.time()
     summary = storage.read_json(storage.join(plan.work_dir, "assemble-summary.json"))

@@ -18,12 +18,20 @@
    same keys fused differently while the first is still running, which dask refuses
    ("different run_spec", then FutureCancelledError). Upstream steps are recomputed for each
    side input instead (their keys are released once a side input is done).
-3. The runner's client is never closed; once the cluster goes away it retries for 30 s and logs
+3. Partitions multiply along joins. The runner's Flatten is `dask.bag.concat` (partition counts
+   add up) and its GroupByKey keeps its input's partitions, so every CoGroupByKey (a Flatten
+   then a GroupByKey) leaves more partitions than either side had: the corpus assemble's chain
+   of joins went from one partition per chunk to ~50, and the task shuffle's cost and the
+   workers' bookkeeping (up to 73,000 tasks held per worker at 100k rows, 4x the run's own
+   data) grew faster than the rows. `install` has GroupByKey produce at most the pipeline's
+   partition count (`--dask_npartitions`, which `spread` sets to one per work item).
+4. The runner's client is never closed; once the cluster goes away it retries for 30 s and logs
    errors. `close_client` closes it when the pipeline is done.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 
@@ -78,6 +86,24 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _group_key(item):
+    return item[0]
+
+
+def _group_value(item):
+    from apache_beam.runners.dask.transform_evaluator import defenestrate
+
+    key, values = item
+    return key, [defenestrate(element[1]) for element in values]
+
+
+def _group_by_key_apply(self, input_bag, side_inputs=None):
+    """The runner's GroupByKey with at most the pipeline's partition count (docstring, 3.)."""
+    cap = self.bag_kwargs.get("npartitions")
+    partitions = min(input_bag.npartitions, cap) if cap else input_bag.npartitions
+    return input_bag.groupby(_group_key, npartitions=partitions).map(_group_value)
+
+
 def install() -> None:
     """Patch the runner (idempotent); call before the pipeline is built."""
     from apache_beam.runners.dask import dask_runner, transform_evaluator
@@ -85,6 +111,7 @@ def install() -> None:
     if not hasattr(transform_evaluator, "_vlforge_original_apply"):
         transform_evaluator._vlforge_original_apply = transform_evaluator.apply_dofn_to_bundle
     transform_evaluator.apply_dofn_to_bundle = _apply_dofn_to_bundle
+    transform_evaluator.GroupByKey.apply = _group_by_key_apply
     if not getattr(dask_runner, "_vlforge_persisting", False):
         dask_runner.DaskBagWindowedIterator = _persisted_side_input_class()
         dask_runner._vlforge_persisting = True
@@ -107,10 +134,13 @@ def close_client(result: Any) -> None:
 
 
 def spread(options: Any, items: int) -> Any:
-    """One dask partition per work item (shard), unless the user chose a partitioning.
+    """Options for one pipeline of `items` work items (shards, chunks, partition groups): one
+    dask partition per item, unless the user chose a partitioning.
 
     The runner's Create packs up to 128 elements into one partition, and a partition is one
-    task on one worker: a run of a few dozen shards would use a single worker.
+    task on one worker: a run of a few dozen shards would use a single worker. A copy: a stage
+    runs several pipelines on one set of options, and the first one's count (a plan of one
+    piece) must not become every later pipeline's (the crawl then ran on one worker).
     """
     from apache_beam.options.pipeline_options import StandardOptions
 
@@ -121,6 +151,10 @@ def spread(options: Any, items: int) -> Any:
     from apache_beam.runners.dask.dask_runner import DaskOptions
 
     dask = options.view_as(DaskOptions)
-    if dask.npartitions is None and dask.partition_size is None:
-        dask.npartitions = max(1, items)
-    return options
+    if dask.npartitions is not None or dask.partition_size is not None:
+        return options
+    # Not from_dictionary: it writes each value back as `--dest`, and flags whose dest differs
+    # (--dask_client_address is `address`) would be dropped.
+    copied = copy.deepcopy(options)
+    copied.view_as(DaskOptions).npartitions = max(1, items)
+    return copied
