@@ -100,8 +100,11 @@ def _group_value(item):
 def _group_by_key_apply(self, input_bag, side_inputs=None):
     """The runner's GroupByKey with at most the pipeline's partition count (docstring, 3.)."""
     cap = self.bag_kwargs.get("npartitions")
-    partitions = min(input_bag.npartitions, cap) if cap else input_bag.npartitions
-    return input_bag.groupby(_group_key, npartitions=partitions).map(_group_value)
+    if cap and input_bag.npartitions > cap:
+        # Merging neighbouring partitions moves no data. Not groupby(npartitions=): the task
+        # shuffle that distributed uses ignores it.
+        input_bag = input_bag.repartition(npartitions=cap)
+    return input_bag.groupby(_group_key).map(_group_value)
 
 
 def install() -> None:
