@@ -29,7 +29,13 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from vlforge.pipeline.key_batches import NotFirstOfKey, key_digests, spread_arrays
+from vlforge.pipeline.key_batches import (
+    CompactingArrays,
+    NotFirstOfKey,
+    first_of_each,
+    key_digests,
+    spread_arrays,
+)
 
 # Distinct hashes kept per band key. Results equal an all-pairs comparison whenever a band holds
 # at most this many distinct hashes (copies of one hash count once); beyond it, a row is compared
@@ -98,14 +104,11 @@ class MarkRows(beam.PTransform):
             found = list(grouped["found"])
             for marks in grouped["marks"]:  # exactly one
                 if found:
-                    rows = np.concatenate([r for r, _ in found])
-                    earlier = np.concatenate([e for _, e in found])
-                    order = np.lexsort((earlier, rows))  # by row, then earlier: first is the min
-                    rows, earlier = rows[order], earlier[order]
-                    first = np.ones(len(rows), dtype=bool)
-                    first[1:] = rows[1:] != rows[:-1]
-                    counter.inc(int(first.sum()))
-                    marks = {**marks, reason: (rows[first], earlier[first])}
+                    rows, earlier = first_of_each(
+                        np.concatenate([r for r, _ in found]), np.concatenate([e for _, e in found])
+                    )  # each row once, with its earliest earlier row
+                    counter.inc(len(rows))
+                    marks = {**marks, reason: (rows, earlier)}
                 yield batch_id, marks
 
         return (
@@ -203,36 +206,21 @@ def first_distinct(keys, rows, values, limit: int):
     return keys[keep], rows[keep], values[keep]
 
 
-class BandRepresentatives(beam.CombineFn):
+class BandRepresentatives(CompactingArrays):
     """(batch, band keys, row ids, hashes) → (keys, rows, hashes): each band key's first
-    `limit` distinct hashes by row id, sorted by key then row. Parts are compacted whenever the
-    pending ones outgrow the compacted one, so state stays O(band keys × limit)."""
+    `limit` distinct hashes by row id, sorted by key then row; state O(band keys × limit)."""
 
     def __init__(self, limit: int):
         self.limit = limit
 
-    def create_accumulator(self) -> list:
-        return []
+    def parts(self, element: tuple) -> tuple:
+        return element[1:]
 
-    def _compact(self, acc: list) -> list:
-        if not acc:
-            return acc
-        return [
-            first_distinct(*(np.concatenate(parts) for parts in zip(*acc, strict=True)), self.limit)
-        ]
+    def reduce(self, keys, rows, values) -> tuple:
+        return first_distinct(keys, rows, values, self.limit)
 
-    def add_input(self, acc: list, element: tuple) -> list:
-        acc.append(element[1:])
-        pending = sum(len(part[0]) for part in acc[1:])
-        return self._compact(acc) if pending > max(65_536, 2 * len(acc[0][0])) else acc
-
-    def merge_accumulators(self, accumulators) -> list:
-        return self._compact([part for acc in accumulators for part in acc])
-
-    def extract_output(self, acc: list) -> tuple:
-        acc = self._compact(acc)
-        empty = np.zeros(0, dtype=np.int64)
-        return acc[0] if acc else (empty, empty, empty)
+    def empty(self) -> tuple:
+        return tuple(np.zeros(0, dtype=np.int64) for _ in range(3))
 
 
 class RepresentativeIndex:
@@ -263,12 +251,7 @@ class RepresentativeIndex:
         rep = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
         close = np.bitwise_count((values[member] ^ self.values[rep]).view(np.uint64))
         hit = (self.rows[rep] < rows[member]) & (close <= max_distance)
-        hit_rows, twin_rows = rows[member[hit]], self.rows[rep[hit]]
-        order = np.lexsort((twin_rows, hit_rows))  # by row, then twin: the first is the min
-        hit_rows, twin_rows = hit_rows[order], twin_rows[order]
-        first = np.ones(len(hit_rows), dtype=bool)
-        first[1:] = hit_rows[1:] != hit_rows[:-1]
-        return hit_rows[first], twin_rows[first]
+        return first_of_each(rows[member[hit]], self.rows[rep[hit]])  # each row's earliest twin
 
 
 class MarkNearDuplicates(beam.PTransform):

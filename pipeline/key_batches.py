@@ -55,11 +55,6 @@ def digest_buckets(digests: np.ndarray, buckets: int) -> np.ndarray:
     return (head % np.uint64(buckets)).astype(np.int64)
 
 
-def stable_bucket(key: Hashable, buckets: int) -> int:
-    """The bucket of one key (str, or anything with a stable repr), equal in every process."""
-    return int(digest_buckets(key_digests([repr(key)]), buckets)[0])
-
-
 def spread_arrays(
     batch_id: Hashable, buckets: np.ndarray, *arrays: np.ndarray
 ) -> Iterator[tuple[int, tuple]]:
@@ -89,37 +84,55 @@ def first_of_each(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     return keys[first], rows[first]
 
 
-class FirstRowPerKey(beam.CombineFn):
-    """(batch id, row ids, digests) elements → (distinct digests sorted, lowest row id of each).
+class CompactingArrays(beam.CombineFn):
+    """A combiner over parallel numpy arrays, kept as a list of parts and reduced (`reduce`)
+    into one part whenever the parts after the first outgrow it: adding stays amortized
+    O(log n) per entry and the state is whatever `reduce` keeps. Subclasses say which arrays of
+    an element are added (`parts`), how parts reduce, and what an empty result is."""
 
-    The accumulator is a list of array parts, compacted into one (one entry per distinct key)
-    whenever the parts after the first outgrow it: adding stays amortized O(log n) per row and
-    the state O(distinct keys).
-    """
+    def parts(self, element: tuple) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def reduce(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def empty(self) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
 
     def create_accumulator(self) -> list:
         return []
 
-    @staticmethod
-    def _compact(acc: list) -> list:
+    def _compact(self, acc: list) -> list:
         if not acc:
             return acc
-        keys = np.concatenate([k for k, _ in acc])
-        rows = np.concatenate([r for _, r in acc])
-        return [first_of_each(keys, rows)]
+        return [self.reduce(*(np.concatenate(column) for column in zip(*acc, strict=True)))]
 
     def add_input(self, acc: list, element: tuple) -> list:
-        _batch_id, rows, keys = element
-        acc.append((keys, rows))
-        pending = sum(len(k) for k, _ in acc[1:])
+        acc.append(self.parts(element))
+        pending = sum(len(part[0]) for part in acc[1:])
         return self._compact(acc) if pending > max(65_536, 2 * len(acc[0][0])) else acc
 
     def merge_accumulators(self, accumulators) -> list:
         return self._compact([part for acc in accumulators for part in acc])
 
-    def extract_output(self, acc: list) -> tuple[np.ndarray, np.ndarray]:
+    def extract_output(self, acc: list) -> tuple[np.ndarray, ...]:
         acc = self._compact(acc)
-        return acc[0] if acc else (np.zeros(0, dtype=DIGEST), _EMPTY_ROWS)
+        return acc[0] if acc else self.empty()
+
+
+class FirstRowPerKey(CompactingArrays):
+    """(batch id, row ids, digests) elements → (distinct digests sorted, lowest row id of each);
+    state O(distinct keys)."""
+
+    def parts(self, element: tuple) -> tuple[np.ndarray, np.ndarray]:
+        _batch_id, rows, keys = element
+        return keys, rows
+
+    def reduce(self, keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return first_of_each(keys, rows)
+
+    def empty(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(0, dtype=DIGEST), _EMPTY_ROWS
 
 
 def _losers(joined):

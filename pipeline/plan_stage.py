@@ -9,8 +9,8 @@ Two small pipelines, run before the crawl (and never again once `_work/plan.json
       WritePiece: the piece read again, its rows normalized, numbered, marked and written as
       `_work/input/chunk-N.parquet` → one summary (rows, chunks, repeated URLs, errors)
 Repeated URLs are decided before any request (the lowest row id wins), by a keyed min-combiner:
-no process holds every URL. Only (row id, 16-byte URL digest) arrays are shuffled; captions and extra columns
-stay with the worker that reads the piece. A piece that cannot be read is reported as one error
+no process holds every URL. Only (row id, 16-byte URL digest) arrays are shuffled; captions and
+extra columns stay with the worker that reads the piece. A piece that cannot be read is reported as one error
 line in the summary, which the launcher raises.
 """
 

@@ -16,8 +16,8 @@ from vlforge.pipeline.key_batches import (
     FirstRowPerKey,
     NotFirstOfKey,
     bucket_count,
+    digest_buckets,
     key_digests,
-    stable_bucket,
 )
 
 
@@ -80,12 +80,13 @@ def test_first_row_per_key_merges_partial_accumulators_like_one_pass():
 
 def test_buckets_grow_with_the_corpus_and_agree_across_processes():
     assert bucket_count(0) == 1 and bucket_count(100_000) == 1 and bucket_count(100_001) == 2
-    keys = ["a", "https://example.com/x.jpg", (3, 17)]
-    here = [stable_bucket(k, 97) for k in keys]
-    assert len(set(stable_bucket(f"key{i}", 97) for i in range(500))) > 80  # keys do spread
+    keys = ["a", "https://example.com/x.jpg", "(3, 17)"]
+    here = digest_buckets(key_digests(keys), 97).tolist()
+    spread = digest_buckets(key_digests(f"key{i}" for i in range(500)), 97)
+    assert len(set(spread.tolist())) > 80  # keys do spread
     code = (
-        "from vlforge.pipeline.key_batches import stable_bucket;"
-        f"print([stable_bucket(k, 97) for k in {keys!r}])"
+        "from vlforge.pipeline.key_batches import digest_buckets, key_digests;"
+        f"print(digest_buckets(key_digests({keys!r}), 97).tolist())"
     )
     for seed in ("1", "2"):  # str hashes are salted per process; buckets must not be
         env = {**os.environ, "PYTHONHASHSEED": seed}
