@@ -6,20 +6,20 @@ Per space (captions, tags), from the TextBuckets (mine_buckets):
 - the faiss index trained on a deterministic sample of the texts' vectors: those whose hash is
   below a threshold set for training_size(n) of them (a little more, cut to exactly that many
   at training), so at most ~39 vectors per IVF list whatever the corpus;
-- then filled bucket by bucket (neighbours.fill_part), the parts merged in bucket order, with
-  the numeric per-text columns the search step reads: exact TF-IDF rows (the rerank), (text,
+- then filled bucket by bucket (neighbours.fill_part), each part written as a file with the
+  numeric per-text columns the search step reads: exact TF-IDF rows (the rerank), (text,
   image) codes ("this text shows the image"), each text's representative's image, and the
-  texts' checkable claims (mine_filter) as integer arrays.
+  texts' checkable claims (mine_filter) as integer arrays; the parts are merged in bucket order
+  into one file per column (mine_index_files, which says why files and not a side-input value).
 
-That one element per space is the search step's side input: vectors, ids and numbers; no key,
-caption or text (the search step asks for those by row id, mine_buckets.resolve). The one
-exception is `text_graphs`, compact scene graphs of each text, kept only when some sample has no
-tags.json (those pairs take the Python certainly_false, which reads graphs).
+The search step's side input is that merged index's handle (IndexFiles); its files hold vectors,
+ids and numbers, no key, caption or text (the search step asks for those by row id,
+mine_buckets.resolve). The one exception is the texts' compact scene graphs, kept only when some
+sample has no tags.json (those pairs take the Python certainly_false, which reads graphs).
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -29,34 +29,13 @@ from sklearn.preprocessing import normalize
 
 from vlforge.pipeline.mine_buckets import CAPTIONS, TextBucket, pair_codes
 from vlforge.pipeline.mine_config import MineConfig
-from vlforge.pipeline.mine_filter import Claims, Relations, encode_claims
+from vlforge.pipeline.mine_filter import Relations, encode_claims
+from vlforge.pipeline.mine_index_files import assemble_files, write_part
 from vlforge.pipeline.mine_scan import CorpusStats, PickledBatch
-from vlforge.pipeline.neighbours import (
-    fill_part,
-    index_kind,
-    merge_parts,
-    train_index,
-    training_size,
-)
+from vlforge.pipeline.neighbours import fill_part, index_kind, train_index, training_size
 from vlforge.pipeline.tfidf import Reducer, fit_reducer, idf_from_df
 
 _HASH_SPACE = 1 << 64
-
-
-@dataclass
-class SearchIndex:
-    """One space's index and per-text numbers, by global row id (mine_buckets.RowStarts)."""
-
-    space: str
-    n: int
-    reducer: Reducer
-    index: np.ndarray  # serialised faiss index; its ids are the rows
-    sparse: sp.csr_matrix  # L2-normalised TF-IDF, one row per distinct text
-    pair_codes: np.ndarray  # sorted uint64 pair_codes(row, image) over all members
-    first_image: np.ndarray  # int64 per row: its representative's image
-    claims: Claims | None  # captions, when some sample has tags
-    text_graphs: list | None  # captions, only when some sample has no tags (see above)
-    fingerprint: int  # identifies the index, so a worker deserialises it once
 
 
 def space_idf(stats: CorpusStats, space: str) -> np.ndarray:
@@ -202,20 +181,6 @@ def train_space(item, starts, config: MineConfig):
 # ---- filling, bucket by bucket --------------------------------------------------------------
 
 
-@dataclass
-class IndexPart:
-    space: str
-    bucket: int
-    start: int
-    sparse: sp.csr_matrix
-    vectors: np.ndarray | None  # the flat index's vectors (it is filled in row order)
-    faiss_part: np.ndarray | None  # IVF: the trained index with this bucket's vectors
-    pair_codes: np.ndarray
-    first_image: np.ndarray
-    claims: Claims | None
-    graphs: list | None
-
-
 def index_part(
     bucket: TextBucket,
     reducers: dict,
@@ -224,8 +189,9 @@ def index_part(
     starts,
     config: MineConfig,
     relations: Relations,
+    directory: str,
 ):
-    """TextBucket → (space, IndexPart): its rows' vectors in the index, and their numbers."""
+    """TextBucket → (space, PartFile): its rows' vectors and numbers, written under `directory`."""
     space = bucket.space
     start = starts.start(space, bucket.bucket)
     sparse, dense = _vectors(space, bucket.counts, reducers[space], stats)
@@ -243,84 +209,32 @@ def index_part(
             graphs = bucket.graphs
     yield (
         space,
-        IndexPart(
-            space=space,
-            bucket=bucket.bucket,
-            start=start,
+        write_part(
+            directory,
+            space,
+            bucket.bucket,
+            start,
             sparse=sparse,
-            vectors=dense if flat else None,
-            faiss_part=None if flat else fill_part(trained[space], rows, dense),
             pair_codes=pair_codes(member_rows, bucket.images[groups.members]),
             first_image=bucket.images[groups.first],
+            vectors=dense if flat else None,
+            faiss_part=None if flat else fill_part(trained[space], rows, dense),
             claims=claims,
             graphs=graphs,
         ),
     )
 
 
-def concat_claims(parts: list[Claims]) -> Claims:
-    """Claims of consecutive row ranges → the Claims of all of them."""
-
-    def ptr(name: str) -> np.ndarray:
-        out, base = [np.zeros(1, np.int64)], 0
-        for c in parts:
-            p = getattr(c, name)
-            out.append(p[1:] + base)
-            base += int(p[-1])
-        return np.concatenate(out)
-
-    def cat(name: str, dtype) -> np.ndarray:
-        return np.concatenate([getattr(c, name) for c in parts] or [np.zeros(0, dtype)])
-
-    return Claims(
-        has_objects=cat("has_objects", bool),
-        obj_ptr=ptr("obj_ptr"),
-        obj_name=cat("obj_name", np.int64),
-        obj_need=cat("obj_need", np.int64),
-        attr_ptr=ptr("attr_ptr"),
-        attr_name=cat("attr_name", np.int64),
-        attr_id=cat("attr_id", np.int64),
-        rel_ptr=ptr("rel_ptr"),
-        rel_s=cat("rel_s", np.int64),
-        rel_r=cat("rel_r", np.int64),
-        rel_o=cat("rel_o", np.int64),
-    )
-
-
-def assemble(item, reducers: dict, trained: dict, starts, config: MineConfig):
-    """(space, [IndexPart]) → (space, SearchIndex), parts taken in bucket (= row) order."""
-    import faiss
-
+def assemble(item, reducers: dict, trained: dict, starts, config: MineConfig, directory: str):
+    """(space, [PartFile]) → (space, IndexFiles): the parts merged into the space's index files."""
     space, parts = item
-    parts = sorted(parts, key=lambda p: p.bucket)
     n = starts.total(space)
-    assert sum(p.sparse.shape[0] for p in parts) == n and all(
-        p.start == q.start + q.sparse.shape[0] for q, p in zip(parts, parts[1:], strict=False)
-    ), "index parts must cover the rows once, in order"
-    reducer = reducers[space]
-    if index_kind(n, config.neighbours) == "flat":
-        index = faiss.IndexFlatIP(reducer.dim)
-        index.add(np.ascontiguousarray(np.concatenate([p.vectors for p in parts]), np.float32))
-    else:
-        index = merge_parts(trained[space], [p.faiss_part for p in parts])
-    data = faiss.serialize_index(index)
-    claims = [p.claims for p in parts]
-    graphs = [p.graphs for p in parts]
-    return space, SearchIndex(
-        space=space,
-        n=n,
-        reducer=reducer,
-        index=data,
-        sparse=sp.vstack([p.sparse for p in parts], format="csr"),
-        pair_codes=np.sort(np.concatenate([p.pair_codes for p in parts])),
-        first_image=np.concatenate([p.first_image for p in parts]),
-        claims=concat_claims(claims) if all(c is not None for c in claims) else None,
-        text_graphs=[g for part in graphs for g in part]
-        if all(g is not None for g in graphs)
-        else None,
-        fingerprint=(zlib.crc32(data.tobytes()) << 32) | zlib.crc32(space.encode()),
+    kind = index_kind(n, config.neighbours)
+    kind = "flat" if kind == "flat" else "ivf"
+    return space, assemble_files(
+        list(parts), directory, n, reducers[space], trained.get(space), kind
     )
 
 
-for _type in (SearchIndex, IndexPart, HashSample):
+for _type in (HashSample,):
     beam.coders.registry.register_coder(_type, PickledBatch)

@@ -1,7 +1,8 @@
 """Second pass, one shard at a time: search (numbers only), then write with the texts looked up.
 
 SearchShard: all of a shard's queries go to faiss in one batched search and one exact sparse
-rerank against the SearchIndex side input (vectors, ids, TF-IDF rows, claims: no texts); the
+rerank against each space's index, mapped from its files (mine_index_files: vectors, ids, TF-IDF
+rows, claims; no texts); the
 candidate filters run over the shard's (sample, candidate) pairs as arrays (mine_filter). Out
 come, per sample, the chosen rows (hard negatives, near-duplicate texts, image positives) with
 their scores, and the Requests for their texts, keyed by bucket (mine_buckets.resolve answers
@@ -37,8 +38,8 @@ from vlforge.pipeline.mine_buckets import (
     pair_codes,
 )
 from vlforge.pipeline.mine_config import MineConfig
-from vlforge.pipeline.mine_corpus import SearchIndex
 from vlforge.pipeline.mine_filter import as_sg, certainly_false_pairs, compact_graph, sample_facts
+from vlforge.pipeline.mine_index_files import OpenIndex, open_index
 from vlforge.pipeline.mine_scan import (
     CorpusStats,
     MineInput,
@@ -48,7 +49,7 @@ from vlforge.pipeline.mine_scan import (
     read_shard,
 )
 from vlforge.pipeline.mine_shards import MINE_FIELD, output_path, write_mined_tar, write_stats
-from vlforge.pipeline.neighbours import NeighbourIndex, rerank
+from vlforge.pipeline.neighbours import rerank
 from vlforge.pipeline.rewrites import SlotVocabulary, rewrite
 from vlforge.pipeline.tfidf import stable_hash
 
@@ -58,16 +59,17 @@ RERANK_BATCH = 2048  # queries per sparse rerank: bounds the repeated-row matric
 
 
 def search(
-    space: SearchIndex | None, index: NeighbourIndex | None, rows: np.ndarray, candidates: int
+    space: OpenIndex | None, rows: np.ndarray, candidates: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Neighbours of distinct text rows: (ids, exact scores) best first, self and misses as -1."""
     n_texts = space.n if space is not None else 0
-    if index is None or not len(rows) or not n_texts:
+    if space is None or not len(rows) or not n_texts:
         return np.full((len(rows), 0), -1, np.int64), np.zeros((len(rows), 0), np.float32)
     k = min(candidates + 1, n_texts)
     query_rows = space.sparse[rows]
     # The queries are indexed texts: grouped by their own IVF list, neighbouring queries probe
     # mostly the same lists, which then stay in cache (the search is memory-bound).
+    index = space.neighbours
     order = np.argsort(index.lists[rows], kind="stable")
     _, found = index.search(space.reducer.transform(query_rows), k, order)
     ids = np.empty_like(found)
@@ -77,33 +79,6 @@ def search(
         scores[lo:hi], ids[lo:hi] = rerank(query_rows[lo:hi], space.sparse, found[lo:hi])
     ids[ids == rows[:, None]] = -1
     return ids, scores
-
-
-def _has_image(space: SearchIndex, rows: np.ndarray, images: np.ndarray) -> np.ndarray:
-    codes = pair_codes(rows, images)
-    if not len(space.pair_codes):
-        return np.zeros(len(codes), bool)
-    at = np.minimum(np.searchsorted(space.pair_codes, codes), len(space.pair_codes) - 1)
-    return space.pair_codes[at] == codes
-
-
-class _Indexes:
-    """Deserialised faiss indexes, kept per fingerprint for the life of the worker."""
-
-    def __init__(self, config: MineConfig):
-        self.config = config
-        self.cache: dict[int, NeighbourIndex] = {}
-
-    def get(self, space: SearchIndex | None) -> NeighbourIndex | None:
-        if space is None:
-            return None
-        if space.fingerprint not in self.cache:
-            if len(self.cache) >= 4:  # a new corpus (another run in this worker)
-                self.cache.clear()
-            self.cache[space.fingerprint] = NeighbourIndex.from_bytes(
-                space.index, self.config.neighbours
-            )
-        return self.cache[space.fingerprint]
 
 
 @dataclass
@@ -134,9 +109,8 @@ def search_shard(
     indexes: dict,
     stats: CorpusStats,
     config: MineConfig,
-    cache: _Indexes,
 ) -> ShardSearch:
-    """A shard's samples searched against the SearchIndex of each space."""
+    """A shard's samples searched against each space's index (OpenIndex by space)."""
     from vlforge.pipeline.mine_stage import certainly_false
 
     n = len(scan.keys)
@@ -158,14 +132,17 @@ def search_shard(
     negatives = duplicates = empty
     if space is not None and n:  # every sample scanned has a caption text (maybe "")
         distinct, inverse = np.unique(rows[CAPTIONS], return_inverse=True)
-        ids, scores = search(space, cache.get(space), distinct, config.candidates)
+        ids, scores = search(space, distinct, config.candidates)
         ids, scores = ids[inverse], scores[inverse]  # samples × candidates
         valid = ids >= 0
         safe = np.where(valid, ids, 0)
         maybe = valid & (scores < config.dup_threshold) & (scores >= config.min_negative_score)
         sample_of = np.repeat(np.arange(n), ids.shape[1])
         flat = np.flatnonzero(maybe.ravel())
-        shows_image = _has_image(space, safe.ravel()[flat], own_images[sample_of[flat]])
+        candidate_rows = safe.ravel()[flat]
+        shows_image = space.has_image(
+            candidate_rows, pair_codes(candidate_rows, own_images[sample_of[flat]])
+        )
         flat = flat[~shows_image]
         false = np.zeros(len(flat), bool)
         pair_samples, pair_rows = sample_of[flat], safe.ravel()[flat]
@@ -189,7 +166,7 @@ def search_shard(
             for j in python.tolist():
                 s, r = int(pair_samples[j]), int(pair_rows[j])
                 if r not in graphs:
-                    graphs[r] = as_sg(space.text_graphs[r])
+                    graphs[r] = as_sg(space.text_graph(r))
                 false[j] = certainly_false(graphs[r], sgs[s], tags[s], detectable)
         negative = np.zeros(ids.size, bool)
         negative[flat[false]] = True
@@ -204,7 +181,7 @@ def search_shard(
     has_tag_text = rows[TAGS] >= 0
     if t_space is not None and has_tag_text.any():
         t_distinct, t_inverse = np.unique(rows[TAGS][has_tag_text], return_inverse=True)
-        t_ids, t_scores = search(t_space, cache.get(t_space), t_distinct, config.candidates)
+        t_ids, t_scores = search(t_space, t_distinct, config.candidates)
         t_of = np.full(n, -1, np.int64)
         t_of[has_tag_text] = t_inverse
         chosen = ([], [], [], [])
@@ -372,25 +349,20 @@ def _detectable_set(names: list[str] | None) -> set[str] | None:
 
 
 class SearchShards(beam.DoFn):
-    """(shard, {"input": [MineInput], "rows": [SampleRows]}) + SearchIndex per space → ShardSearch."""
+    """(shard, {"input": [MineInput], "rows": [SampleRows]}) + IndexFiles per space → ShardSearch."""
 
     def __init__(self, config: MineConfig):
         self.config = config
-        self._indexes: _Indexes | None = None
-
-    def setup(self):
-        self._indexes = _Indexes(self.config)
 
     def process(self, item, indexes: dict, stats: CorpusStats):
-        if self._indexes is None:
-            self.setup()
+        opened = {
+            space: open_index(files, self.config.neighbours) for space, files in indexes.items()
+        }
         _, joined = item
         (scan,) = joined["input"]
         with gc_paused():
             data = read_shard(scan.shard)
-            result = search_shard(
-                scan, data, list(joined["rows"]), indexes, stats, self.config, self._indexes
-            )
+            result = search_shard(scan, data, list(joined["rows"]), opened, stats, self.config)
             del data
         yield result
 

@@ -12,8 +12,9 @@ element holds every caption:
      │    ├─ RowStarts (combiner of bucket sizes): contiguous global row ids
      │    ├─ SampleRows, keyed by shard: each sample's text row and ring partners
      │    └─ per space: SVD on the lowest-hash texts (bounded combiner), k-means on a bounded
-     │       sample, index filled bucket by bucket → SearchIndex (side input: vectors, ids,
-     │       TF-IDF rows, claims; no texts)
+     │       sample, index filled bucket by bucket into part files, merged into one file per
+     │       column (mine_index_files) → IndexFiles (side input: a handle; workers map the
+     │       files: vectors, ids, TF-IDF rows, claims; no texts)
      ├─ CoGroupByKey(shard) ─ SearchShards: batched faiss search + exact rerank, vectorised
      │    filters → chosen rows; their texts asked of their buckets (CoGroupByKey(bucket))
      └─ CoGroupByKey(shard) ─ WriteShards: the input tar's bytes + mine.json, parquet counts
@@ -222,10 +223,12 @@ class MineShards(beam.PTransform):
             train_space,
         )
         from vlforge.pipeline.mine_filter import Relations
+        from vlforge.pipeline.mine_index_files import INDEX_DIR
         from vlforge.pipeline.mine_scan import CorpusStats, ScanShards, ShardScan, SumStats
         from vlforge.pipeline.mine_shard import SearchShards, WriteShards, requests
 
         config, n_buckets = self.config, self.n_buckets
+        files = storage.join(self.out, INDEX_DIR)
         # Output types name the elements so that Beam codes them with PickledBatch (their
         # registered coder) rather than measuring each one by pickling it.
         scans = shards | "Scan" >> beam.ParDo(ScanShards()).with_output_types(ShardScan)
@@ -268,10 +271,10 @@ class MineShards(beam.PTransform):
             buckets
             | "Fill"
             >> beam.FlatMap(
-                index_part, reducers, trained, stats_side, starts_side, config, relations
+                index_part, reducers, trained, stats_side, starts_side, config, relations, files
             )
             | "Parts" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
-            | "Index" >> beam.Map(assemble, reducers, trained, starts_side, config)
+            | "Index" >> beam.Map(assemble, reducers, trained, starts_side, config, files)
         )
         rows = buckets | "SampleRows" >> beam.FlatMap(_sample_rows, starts_side, config)
         inputs = scans | "MineInputs" >> beam.Map(_keyed_input).with_output_types(Tuple[str, Any])
@@ -355,6 +358,7 @@ def run_mine(
     """Mine every shard under `source` into `out`; returns the manifest it wrote."""
     from vlforge.pipeline.beam_options import build_options
     from vlforge.pipeline.dask_fixes import close_client, spread
+    from vlforge.pipeline.mine_index_files import INDEX_DIR
     from vlforge.pipeline.mine_shards import check_shard, list_shards
 
     started = time.time()
@@ -369,17 +373,22 @@ def run_mine(
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     written_path = storage.join(out, ".mine-shards.json")
 
-    with _Progress(_count_rows(shards), show_progress), _user_errors_from_workers():
-        with beam.Pipeline(options=options) as pipeline:
-            _ = (
-                pipeline
-                | "Shards" >> beam.Create(shards)
-                | "Mine" >> MineShards(out, config, n_buckets=len(shards))
-                | "Written" >> beam.combiners.ToList()
-                | "Record" >> beam.Map(lambda w: storage.write_json(written_path, w))
-            )
-        result = pipeline.result
-        close_client(result)
+    index_files = storage.join(out, INDEX_DIR)
+    storage.delete_tree(index_files)  # an interrupted run's
+    try:
+        with _Progress(_count_rows(shards), show_progress), _user_errors_from_workers():
+            with beam.Pipeline(options=options) as pipeline:
+                _ = (
+                    pipeline
+                    | "Shards" >> beam.Create(shards)
+                    | "Mine" >> MineShards(out, config, n_buckets=len(shards))
+                    | "Written" >> beam.combiners.ToList()
+                    | "Record" >> beam.Map(lambda w: storage.write_json(written_path, w))
+                )
+            result = pipeline.result
+            close_client(result)
+    finally:
+        storage.delete_tree(index_files)
     finished = time.time()
     written = sorted(storage.read_json(written_path), key=lambda w: w["shard"])
     storage.delete([written_path])

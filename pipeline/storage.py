@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -48,6 +49,14 @@ def glob(pattern: str) -> list[str]:
 def delete(paths: list[str]) -> None:
     if paths:
         FileSystems.delete(paths)
+
+
+def delete_tree(path: str) -> None:
+    """Delete a directory and everything under it; nothing when it is not there."""
+    if "://" not in path:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    delete(glob(join(path, "**")))  # object stores: every key under the prefix
 
 
 def read_bytes(path: str) -> bytes:

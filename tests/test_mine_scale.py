@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 
 import apache_beam as beam
 import numpy as np
@@ -188,24 +189,29 @@ def test_ivf_pq_past_its_threshold_still_finds_the_neighbours():
     assert found >= 0.85  # 0.89 measured: 64 PQ candidates hold most of the exact top 10
 
 
-def test_search_side_input_holds_no_text(corpus, tmp_path, monkeypatch):
+def test_search_index_holds_no_text(corpus, tmp_path, monkeypatch):
+    """The side input (a handle) and the index files the workers map carry no key or caption."""
     src, samples = corpus
     seen = tmp_path / "indexes"
-    seen.mkdir()
     original = mine_corpus.assemble
 
     def recording(item, *args):
-        space, index = original(item, *args)
-        (seen / f"{space}.pkl").write_bytes(pickle.dumps(index))
-        return space, index
+        space, files = original(item, *args)
+        shutil.copytree(files.directory, seen / space)  # run_mine deletes them at the end
+        (seen / space / "handle.pkl").write_bytes(pickle.dumps(files))
+        return space, files
 
     monkeypatch.setattr(mine_corpus, "assemble", recording)
-    run_mine(str(src), str(tmp_path / "out"), MineConfig(), show_progress=False)
-    indexes = {p.stem: pickle.loads(p.read_bytes()) for p in seen.glob("*.pkl")}
-    assert set(indexes) == {CAPTIONS, TAGS}
-    blob = b"".join(pickle.dumps(i) for i in indexes.values())
+    out = tmp_path / "out"
+    run_mine(str(src), str(out), MineConfig(), show_progress=False)
+    assert sorted(p.name for p in seen.iterdir()) == sorted([CAPTIONS, TAGS])
+    blob = b"".join(p.read_bytes() for p in seen.rglob("*") if p.is_file())
     for sample in samples:
         assert sample["__key__"].encode() not in blob
         assert sample["txt"] not in blob and sample["txt"].lower() not in blob
-    assert indexes[CAPTIONS].text_graphs is None  # every sample has tags: claims suffice
-    assert indexes[CAPTIONS].n == len({s["txt"].decode().strip().lower() for s in samples})
+    # every sample has tags: claims suffice, the texts' graphs are not kept
+    assert not (seen / CAPTIONS / "graphs_json.npy").exists()
+    assert (seen / CAPTIONS / "claims_obj_name.npy").exists()
+    handle = pickle.loads((seen / CAPTIONS / "handle.pkl").read_bytes())
+    assert handle.n == len({s["txt"].decode().strip().lower() for s in samples})
+    assert not (out / ".mine-index").exists()  # deleted when the stage ends
