@@ -309,7 +309,9 @@ class OpenIndex:
         self._graphs = (
             (column["graphs_json"], column["graphs_offsets"]) if "graphs_json" in column else None
         )
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+        # OnDiskInvertedLists map their .ivfdata themselves; IO_FLAG_MMAP (the index file mapped
+        # too) hands back lists whose ids segfault when read (faiss 1.15).
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
         index = faiss.read_index(os.path.join(directory, "index.faiss"), flags)
         self.neighbours = NeighbourIndex.from_index(index, config)
 

@@ -25,6 +25,7 @@ from vlforge.pipeline.mine_buckets import (
     CAPTIONS,
     TAGS,
     group_bucket,
+    pair_codes,
     image_hash,
     row_starts,
     sample_rows,
@@ -176,6 +177,63 @@ def test_ivf_with_every_list_probed_is_exact_and_parts_merge_to_the_whole():
     merged = NeighbourIndex.from_index(merge_parts(trained, [parts[c] for c in cuts]), config)
     assert merged.n == len(x)
     np.testing.assert_array_equal(merged.search(x[:200], 10)[1], exact_ids)
+
+
+def test_index_files_are_the_parts_merged_in_row_order(tmp_path):
+    """Parts written out of order, assembled on disk, mapped back: the in-memory merge's answers,
+    and every per-row column (TF-IDF rows, images, pair codes, claims, graphs) in row order."""
+    import scipy.sparse as sp
+
+    from vlforge.pipeline.mine_filter import encode_claims
+    from vlforge.pipeline.mine_index_files import OpenIndex, assemble_files, write_part
+    from vlforge.pipeline.mine_shard import space_relations
+
+    n = 3000
+    x = _unit(n, 16)
+    config = NeighbourConfig(ivf_threshold=500, nlist=24, nprobe=24, use_gpu=False)
+    trained = train_index(n, x[::7], config)
+    cuts = [(0, 1000), (1000, 2200), (2200, n)]
+    sparse = sp.random(n, 64, density=0.1, format="csr", dtype=np.float32, random_state=0)
+    images = np.random.default_rng(0).integers(0, 2**62, size=n)
+    names = ["circle", "square"]
+    graphs = [(((names[r % 2], 1 + r % 3),), (), ()) if r % 5 else None for r in range(n)]
+    name_id = {name: i for i, name in enumerate(names)}
+    parts = []
+    for bucket, (lo, hi) in reversed(list(enumerate(cuts))):
+        rows = np.arange(lo, hi)
+        parts.append(
+            write_part(
+                str(tmp_path),
+                CAPTIONS,
+                bucket,
+                lo,
+                sparse=sparse[lo:hi],
+                pair_codes=pair_codes(rows, images[lo:hi]),
+                first_image=images[lo:hi],
+                vectors=None,
+                faiss_part=fill_part(trained, rows, x[lo:hi]),
+                claims=encode_claims(graphs[lo:hi], name_id, space_relations()),
+                graphs=graphs[lo:hi],
+            )
+        )
+    reducer = type("Reducer", (), {"dim": 16})()  # assembling reads only its dimension
+    files = assemble_files(parts, str(tmp_path), n, reducer, trained, "ivf")
+    opened = OpenIndex(files, config)
+    in_memory = [fill_part(trained, np.arange(*c), x[c[0] : c[1]]) for c in cuts]
+    whole = NeighbourIndex.from_index(merge_parts(trained, in_memory), config)
+    for got, want in zip(opened.neighbours.search(x[:200], 10), whole.search(x[:200], 10)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(opened.neighbours.lists, whole.lists)
+    assert (opened.sparse != sparse).nnz == 0
+    np.testing.assert_array_equal(opened.first_image, images)
+    rows = np.array([0, 999, 1000, 2199, 2200, n - 1])
+    assert opened.has_image(rows, pair_codes(rows, images[rows])).all()
+    assert not opened.has_image(rows, pair_codes(rows, images[rows] + 1)).any()
+    expected = encode_claims(graphs, name_id, space_relations())
+    for field in expected.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(opened.claims, field), getattr(expected, field))
+    assert opened.text_graph(1001) == [[["square", 3]], [], []]
+    assert opened.text_graph(1000) is None
 
 
 def test_ivf_pq_past_its_threshold_still_finds_the_neighbours():
