@@ -25,8 +25,8 @@ from vlforge.pipeline.mine_buckets import (
     CAPTIONS,
     TAGS,
     group_bucket,
-    pair_codes,
     image_hash,
+    pair_codes,
     row_starts,
     sample_rows,
     text_parts,
@@ -221,7 +221,8 @@ def test_index_files_are_the_parts_merged_in_row_order(tmp_path):
     opened = OpenIndex(files, config)
     in_memory = [fill_part(trained, np.arange(*c), x[c[0] : c[1]]) for c in cuts]
     whole = NeighbourIndex.from_index(merge_parts(trained, in_memory), config)
-    for got, want in zip(opened.neighbours.search(x[:200], 10), whole.search(x[:200], 10)):
+    found = opened.neighbours.search(x[:200], 10)
+    for got, want in zip(found, whole.search(x[:200], 10), strict=True):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(opened.neighbours.lists, whole.lists)
     assert (opened.sparse != sparse).nnz == 0
