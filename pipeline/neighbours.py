@@ -18,7 +18,8 @@ Training never sees the whole corpus: k-means runs on a deterministic sample of 
 codebooks) for `train_iterations` passes (faiss's 256 points and 25 passes cost more than all
 the searching at 1M vectors; 39 points and 5 passes gave recall@10 0.9816 against 0.9821). The
 trained, empty index is then filled part by part (`fill_part`, one text bucket at a time) and
-the parts merged in a fixed order (`merge_parts`), so the index, and every answer, is the same
+the parts merged in a fixed order (`merge_parts` in memory; mining merges them on disk, in
+mine_index_files, with the same order), so the index, and every answer, is the same
 on each run and on every runner. A fixed k-means seed; on a GPU when faiss was built with one
 (faiss-gpu): the same index moved with index_cpu_to_all_gpus.
 Queries run in batches of `batch_size` so memory stays bounded for any corpus size; `order`
