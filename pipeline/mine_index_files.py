@@ -46,16 +46,6 @@ from vlforge.pipeline.neighbour_config import NeighbourConfig
 
 INDEX_DIR = ".mine-index"  # under --out; run_mine deletes it when the stage ends
 _CLAIM_FIELDS = tuple(Claims.__dataclass_fields__)
-_CLAIM_PTRS = ("obj_ptr", "attr_ptr", "rel_ptr")
-_CLAIM_PTR_OF = {  # each CSR value column and the pointer column that indexes it
-    "obj_name": "obj_ptr",
-    "obj_need": "obj_ptr",
-    "attr_name": "attr_ptr",
-    "attr_id": "attr_ptr",
-    "rel_s": "rel_ptr",
-    "rel_r": "rel_ptr",
-    "rel_o": "rel_ptr",
-}
 
 
 @dataclass
