@@ -51,6 +51,7 @@ from vlforge.pipeline.mine_scan import (
 from vlforge.pipeline.mine_shards import MINE_FIELD, output_path, write_mined_tar, write_stats
 from vlforge.pipeline.neighbours import rerank
 from vlforge.pipeline.rewrites import SlotVocabulary, rewrite
+from vlforge.pipeline.staged_values import Staged
 from vlforge.pipeline.tfidf import stable_hash
 
 # json.dumps(m, sort_keys=True) builds a new encoder per call; one shared encoder, same bytes.
@@ -349,15 +350,23 @@ def _detectable_set(names: list[str] | None) -> set[str] | None:
 
 
 class SearchShards(beam.DoFn):
-    """(shard, {"input": [MineInput], "rows": [SampleRows]}) + IndexFiles per space → ShardSearch."""
+    """(shard, {"input": [MineInput], "rows": [SampleRows]}) → ShardSearch.
 
-    def __init__(self, config: MineConfig):
+    `indexes` (space → staged IndexFiles) and `stats` (staged CorpusStats) are read once per
+    worker (staged_values.Staged); the index files themselves are mapped (open_index).
+    """
+
+    def __init__(self, config: MineConfig, indexes: dict[str, Staged], stats: Staged):
         self.config = config
+        self.indexes = indexes
+        self.stats = stats
 
-    def process(self, item, indexes: dict, stats: CorpusStats):
+    def process(self, item):
         opened = {
-            space: open_index(files, self.config.neighbours) for space, files in indexes.items()
+            space: open_index(handle.get(), self.config.neighbours)
+            for space, handle in self.indexes.items()
         }
+        stats = self.stats.get()
         _, joined = item
         (scan,) = joined["input"]
         with gc_paused():

@@ -1,11 +1,11 @@
 """`vlforge mine`: TF-IDF hard negatives, retrieved positives and scene-graph rewrites per sample.
 
-MineShards is the composite transform (shard paths in, written shards out), usable inside the
-one pipeline; run_mine wraps it with a manifest and progress. Elements are shards, text buckets
-or index parts, never samples (per-element overhead was most of an older stage's cost), and no
-element holds every caption:
+run_mine runs the stage as five pipelines over staged files (mine_phases: scan, group, train,
+fill, mine; its docstring says why not one pipeline with side inputs) and writes a manifest.
+Elements are shards, text buckets or index parts, never samples (per-element overhead was most
+of an older stage's cost), and no element holds every caption:
 
-  shards ─ ScanShards (one read: captions, graphs, tags, term counts, tar byte index)
+  shards ─ ScanShards (one read: captions, graphs, tags, term counts, tar byte index), staged
      ├─ SumStats (combiner of per-shard sums): document frequencies → IDF, slot vocabulary
      │    (capped), detector names
      ├─ TextParts ─ GroupByKey(text bucket) ─ TextBucket: a bucket's texts, members, rings
@@ -13,10 +13,10 @@ element holds every caption:
      │    ├─ SampleRows, keyed by shard: each sample's text row and ring partners
      │    └─ per space: SVD on the lowest-hash texts (bounded combiner), k-means on a bounded
      │       sample, index filled bucket by bucket into part files, merged into one file per
-     │       column (mine_index_files) → IndexFiles (side input: a handle; workers map the
-     │       files: vectors, ids, TF-IDF rows, claims; no texts)
+     │       column (mine_index_files) → IndexFiles (a handle; workers map the files: vectors,
+     │       ids, TF-IDF rows, claims; no texts)
      ├─ CoGroupByKey(shard) ─ SearchShards: batched faiss search + exact rerank, vectorised
-     │    filters → chosen rows; their texts asked of their buckets (CoGroupByKey(bucket))
+     │    filters → chosen rows; their texts asked of their buckets (GroupByKey(bucket))
      └─ CoGroupByKey(shard) ─ WriteShards: the input tar's bytes + mine.json, parquet counts
 
 Elements are coded with mine_scan.PickledBatch, and per-shard work runs with the cyclic garbage
@@ -58,7 +58,7 @@ from vlforge.pipeline.redact import redact
 from vlforge.pipeline.rewrites import attribute_category, tag_count
 from vlforge.versions import package_versions
 
-__all__ = ["MineConfig", "MineShards", "certainly_false", "normalize_text", "run_mine", "tag_text"]
+__all__ = ["MineConfig", "certainly_false", "normalize_text", "run_mine", "tag_text"]
 
 # ---- is a mined caption certainly false of this image? ---------------------------------------
 
@@ -160,144 +160,6 @@ def certainly_false(
     return False
 
 
-def _sample_rows(bucket, starts, config: MineConfig):
-    from vlforge.pipeline.mine_buckets import CAPTIONS, sample_rows
-
-    limit = config.k_positives if bucket.space == CAPTIONS else config.k_image_positives
-    return sample_rows(bucket, starts, limit)
-
-
-def _keyed_bucket(bucket):
-    return (bucket.space, bucket.bucket), bucket
-
-
-def _keyed_search(search):
-    return search.scan.shard, search
-
-
-def _keyed_input(scan):
-    from vlforge.pipeline.mine_scan import mine_input
-
-    return scan.shard, mine_input(scan)
-
-
-def _bucket_size(bucket):
-    return (bucket.space, bucket.bucket), bucket.size
-
-
-class MineShards(beam.PTransform):
-    """Shard paths → {"shard", "samples"} for each shard written to `out` with mine.json added.
-
-    `n_buckets`: how many text buckets samples are grouped in (run_mine: one per shard, so a
-    bucket holds about a shard's samples).
-    """
-
-    def __init__(self, out: str, config: MineConfig = MineConfig(), n_buckets: int = 16):
-        super().__init__()
-        self.out = out
-        self.config = config
-        self.n_buckets = max(1, n_buckets)
-
-    def expand(self, shards):
-        from apache_beam.pvalue import AsDict, AsSingleton
-        from apache_beam.typehints import Any, Tuple
-
-        from vlforge.pipeline.mine_buckets import (
-            ConcatDict,
-            RowStarts,
-            TextBucket,
-            TextPart,
-            group_bucket,
-            resolve,
-            row_starts,
-            text_parts,
-        )
-        from vlforge.pipeline.mine_corpus import (
-            ConcatSamples,
-            LowestHashes,
-            assemble,
-            fit_space_reducer,
-            index_part,
-            svd_candidates,
-            train_candidates,
-            train_space,
-        )
-        from vlforge.pipeline.mine_filter import Relations
-        from vlforge.pipeline.mine_index_files import INDEX_DIR
-        from vlforge.pipeline.mine_scan import CorpusStats, ScanShards, ShardScan, SumStats
-        from vlforge.pipeline.mine_shard import SearchShards, WriteShards, requests
-
-        config, n_buckets = self.config, self.n_buckets
-        files = storage.join(self.out, INDEX_DIR)
-        # Output types name the elements so that Beam codes them with PickledBatch (their
-        # registered coder) rather than measuring each one by pickling it.
-        scans = shards | "Scan" >> beam.ParDo(ScanShards()).with_output_types(ShardScan)
-        stats = scans | "Stats" >> beam.CombineGlobally(SumStats()).with_output_types(CorpusStats)
-        stats_side = AsSingleton(stats)
-        # Samples grouped by text, one bucket of texts per element (mine_buckets).
-        buckets = (
-            scans
-            | "TextParts"
-            >> beam.FlatMap(text_parts, n_buckets, config.seed).with_output_types(
-                Tuple[Tuple[str, int], TextPart]
-            )
-            | "GroupTexts" >> beam.GroupByKey()
-            | "Buckets" >> beam.Map(group_bucket, config.seed).with_output_types(TextBucket)
-        )
-        starts = (
-            buckets
-            | "Sizes" >> beam.Map(_bucket_size)
-            | "AllSizes" >> beam.CombineGlobally(ConcatDict())
-            | "RowStarts" >> beam.Map(row_starts, n_buckets).with_output_types(RowStarts)
-        )
-        starts_side = AsSingleton(starts)
-        # The index per space: reducer from a bounded sample, k-means on a bounded sample,
-        # then filled bucket by bucket (mine_corpus).
-        reducers = AsDict(
-            buckets
-            | "SvdSample" >> beam.FlatMap(svd_candidates, config.svd_sample)
-            | "LowestHashes" >> beam.CombinePerKey(LowestHashes(config.svd_sample))
-            | "Reducer" >> beam.Map(fit_space_reducer, stats_side, config)
-        )
-        trained = AsDict(
-            buckets
-            | "TrainSample"
-            >> beam.FlatMap(train_candidates, reducers, stats_side, starts_side, config)
-            | "AllTrainSample" >> beam.CombinePerKey(ConcatSamples())
-            | "Train" >> beam.Map(train_space, starts_side, config)
-        )
-        relations = Relations(OPPOSITE, ASYMMETRIC)
-        indexes = AsDict(
-            buckets
-            | "Fill"
-            >> beam.FlatMap(
-                index_part, reducers, trained, stats_side, starts_side, config, relations, files
-            )
-            | "Parts" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
-            | "Index" >> beam.Map(assemble, reducers, trained, starts_side, config, files)
-        )
-        rows = buckets | "SampleRows" >> beam.FlatMap(_sample_rows, starts_side, config)
-        inputs = scans | "MineInputs" >> beam.Map(_keyed_input).with_output_types(Tuple[str, Any])
-        searched = (
-            {"input": inputs, "rows": rows}
-            | "JoinRows" >> beam.CoGroupByKey()
-            | "Search" >> beam.ParDo(SearchShards(config), indexes, stats_side)
-        )
-        texts = (
-            {
-                "bucket": buckets | "KeyBuckets" >> beam.Map(_keyed_bucket),
-                "requests": searched | "Requests" >> beam.FlatMap(requests, starts_side),
-            }
-            | "JoinTexts" >> beam.CoGroupByKey()
-            | "Resolve" >> beam.FlatMap(resolve, starts_side)
-        )
-        return (
-            {"search": searched | "KeySearch" >> beam.Map(_keyed_search), "texts": texts}
-            | "JoinWrite" >> beam.CoGroupByKey()
-            | "Write" >> beam.ParDo(WriteShards(self.config, self.out))
-        )
-
-
 # ---- the stage on its own: shards in, shards out --------------------------------------------
 
 
@@ -356,9 +218,10 @@ def run_mine(
     show_progress: bool = True,
 ) -> dict:
     """Mine every shard under `source` into `out`; returns the manifest it wrote."""
+    from vlforge.pipeline import mine_phases
     from vlforge.pipeline.beam_options import build_options
     from vlforge.pipeline.dask_fixes import close_client, spread
-    from vlforge.pipeline.mine_index_files import INDEX_DIR
+    from vlforge.pipeline.mine_filter import Relations
     from vlforge.pipeline.mine_shards import check_shard, list_shards
 
     started = time.time()
@@ -369,30 +232,42 @@ def run_mine(
     if any(storage.join(out, s.rsplit("/", 1)[-1]) == s for s in shards):
         raise UserError(f"--out {out} holds the input shards; choose another directory")
     storage.makedirs(out)
-    options = spread(build_options(beam_args or [], workers), len(shards))
+    options = build_options(beam_args or [], workers)
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     written_path = storage.join(out, ".mine-shards.json")
+    work = mine_phases.MineWork.under(out)
+    storage.delete_tree(work.root)  # an interrupted run's
+    results = []
+    relations = Relations(OPPOSITE, ASYMMETRIC)
 
-    index_files = storage.join(out, INDEX_DIR)
-    storage.delete_tree(index_files)  # an interrupted run's
+    def run(items: int, build) -> None:
+        # One pipeline per phase, one dask partition per work item (dask_fixes.spread).
+        with beam.Pipeline(options=spread(options, items)) as pipeline:
+            build(pipeline)
+        results.append(pipeline.result)
+        close_client(pipeline.result)
+
+    def write(pipeline: beam.Pipeline) -> None:
+        _ = (
+            mine_phases.mine_phase(pipeline, len(shards), work, config, out)
+            | "Written" >> beam.combiners.ToList()
+            | "Record" >> beam.Map(lambda w: storage.write_json(written_path, w))
+        )
+
     try:
         with _Progress(_count_rows(shards), show_progress), _user_errors_from_workers():
-            with beam.Pipeline(options=options) as pipeline:
-                _ = (
-                    pipeline
-                    | "Shards" >> beam.Create(shards)
-                    | "Mine" >> MineShards(out, config, n_buckets=len(shards))
-                    | "Written" >> beam.combiners.ToList()
-                    | "Record" >> beam.Map(lambda w: storage.write_json(written_path, w))
-                )
-            result = pipeline.result
-            close_client(result)
+            run(len(shards), lambda p: mine_phases.scan_phase(p, shards, work))
+            run(len(shards), lambda p: mine_phases.group_phase(p, len(shards), work, config))
+            n_buckets = len(mine_phases.bucket_paths(work))
+            run(n_buckets, lambda p: mine_phases.train_phase(p, work, config))
+            run(n_buckets, lambda p: mine_phases.fill_phase(p, work, config, relations))
+            run(len(shards), write)
     finally:
-        storage.delete_tree(index_files)
+        storage.delete_tree(work.root)
     finished = time.time()
     written = sorted(storage.read_json(written_path), key=lambda w: w["shard"])
     storage.delete([written_path])
-    manifest = _manifest(source, out, config, shards, written, result, workers)
+    manifest = _manifest(source, out, config, shards, written, results, workers)
     manifest["timings"] = {
         "pipeline_s": round(finished - started, 3),
         "total_s": round(time.time() - started, 3),
@@ -431,16 +306,17 @@ def summarize_output(out: str) -> dict:
     return dict(totals)
 
 
-def _manifest(source, out, config, shards, written, result, workers) -> dict:
+def _manifest(source, out, config, shards, written, results, workers) -> dict:
     counters: dict[str, int] = {}
-    try:
-        for counter in result.metrics().query()["counters"]:
-            name = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
-            counters[name] = counters.get(name, 0) + int(
-                counter.committed or counter.attempted or 0
-            )
-    except Exception:  # some runners report no metrics
-        pass
+    for result in results:  # one per phase
+        try:
+            for counter in result.metrics().query()["counters"]:
+                name = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
+                counters[name] = counters.get(name, 0) + int(
+                    counter.committed or counter.attempted or 0
+                )
+        except Exception:  # some runners report no metrics
+            pass
     return {
         "stage": "mine",
         "config": {"in": source, "out": out, "workers": workers, **asdict(config)},

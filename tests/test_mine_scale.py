@@ -20,7 +20,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
 from tests.test_mine_stage import world_rows, write_shards
-from vlforge.pipeline import mine_corpus
+from vlforge.pipeline import mine_phases
 from vlforge.pipeline.mine_buckets import (
     CAPTIONS,
     TAGS,
@@ -252,7 +252,7 @@ def test_search_index_holds_no_text(corpus, tmp_path, monkeypatch):
     """The side input (a handle) and the index files the workers map carry no key or caption."""
     src, samples = corpus
     seen = tmp_path / "indexes"
-    original = mine_corpus.assemble
+    original = mine_phases.assemble
 
     def recording(item, *args):
         space, files = original(item, *args)
@@ -260,7 +260,7 @@ def test_search_index_holds_no_text(corpus, tmp_path, monkeypatch):
         (seen / space / "handle.pkl").write_bytes(pickle.dumps(files))
         return space, files
 
-    monkeypatch.setattr(mine_corpus, "assemble", recording)
+    monkeypatch.setattr(mine_phases, "assemble", recording)
     out = tmp_path / "out"
     run_mine(str(src), str(out), MineConfig(), show_progress=False)
     assert sorted(p.name for p in seen.iterdir()) == sorted([CAPTIONS, TAGS])
@@ -273,4 +273,4 @@ def test_search_index_holds_no_text(corpus, tmp_path, monkeypatch):
     assert (seen / CAPTIONS / "claims_obj_name.npy").exists()
     handle = pickle.loads((seen / CAPTIONS / "handle.pkl").read_bytes())
     assert handle.n == len({s["txt"].decode().strip().lower() for s in samples})
-    assert not (out / ".mine-index").exists()  # deleted when the stage ends
+    assert not (out / mine_phases.WORK_DIR).exists()  # deleted when the stage ends

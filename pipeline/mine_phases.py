@@ -1,0 +1,295 @@
+"""`vlforge mine` as five pipelines over staged files: each shard is read and scanned once.
+
+Why phases and not one pipeline with side inputs: on DaskRunner a side input is computed by
+persisting its bag, which recomputes everything upstream of it (dask_fixes, point 2). Mining's
+five side inputs (statistics, row starts, reducers, trained index, filled index) each scanned
+every shard again and grouped every text bucket again: at 300k rows ScanShards was a third of
+the workers' time, and holding the recomputed bags is where their memory went. Here every
+value that more than one later step reads is written once, as a file (staged_values: arrays and
+JSON, no pickle), and later phases read it by path; each worker reads a small value once
+(Staged.get). Within a phase nothing is read twice, so no phase needs a side input.
+
+  1. scan    shards → ScanShards → scans/<i>.npz; SumStats (combiner) → stats
+  2. group   scans → TextParts → GroupByKey(text bucket) → buckets/<space>-<b>.npz;
+             bucket sizes → row starts; lowest-hash texts (bounded combiner) → SVD reducers
+  3. train   buckets → a bounded sample of vectors per space → trained faiss index
+  4. fill    buckets → index parts → assembled index files (mine_index_files) → IndexFiles
+  5. mine    scans + each bucket's SampleRows (join by shard) → SearchShards → the texts asked
+             of each bucket (GroupByKey(bucket), answered from its file) → WriteShards
+
+The work directory is `<out>/.mine-work`; run_mine deletes it before and after a run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.typehints import Any, Tuple
+
+from vlforge.pipeline import staged_values, storage
+from vlforge.pipeline.mine_buckets import (
+    CAPTIONS,
+    SPACES,
+    ConcatDict,
+    RowStarts,
+    TextBucket,
+    TextPart,
+    group_bucket,
+    resolve,
+    row_starts,
+    sample_rows,
+    text_parts,
+)
+from vlforge.pipeline.mine_config import MineConfig
+from vlforge.pipeline.mine_corpus import (
+    ConcatSamples,
+    LowestHashes,
+    assemble,
+    fit_space_reducer,
+    index_part,
+    svd_candidates,
+    train_candidates,
+    train_space,
+)
+from vlforge.pipeline.mine_filter import Relations
+from vlforge.pipeline.mine_groups import TextGroups
+from vlforge.pipeline.mine_index_files import IndexFiles
+from vlforge.pipeline.mine_scan import CorpusStats, ScanShards, ShardScan, SumStats, mine_input
+from vlforge.pipeline.mine_shard import SearchShards, WriteShards, requests
+from vlforge.pipeline.mine_tar import SampleIndex
+from vlforge.pipeline.staged_values import Staged, WithStaged
+from vlforge.pipeline.tfidf import Reducer
+
+WORK_DIR = ".mine-work"  # under --out
+for _type in (ShardScan, SampleIndex, TextBucket, TextGroups, CorpusStats, RowStarts, Reducer):
+    staged_values.register(_type)
+staged_values.register(IndexFiles)
+
+
+@dataclass(frozen=True)
+class MineWork:
+    """Where one run's staged values lie."""
+
+    root: str  # <out>/.mine-work
+    run: str  # this run's id: a worker's cached values of an earlier run are not reused
+
+    @classmethod
+    def under(cls, out: str) -> MineWork:
+        return cls(storage.join(out, WORK_DIR), uuid.uuid4().hex)
+
+    def value(self, name: str) -> Staged:
+        return Staged(storage.join(self.root, f"{name}.npz"), self.run)
+
+    def scan(self, number: int) -> str:
+        return storage.join(self.root, "scans", f"{number:06d}.npz")
+
+    def bucket(self, space: str, bucket: int) -> str:
+        return storage.join(self.root, "buckets", f"{space}-{bucket:06d}.npz")
+
+    @property
+    def index(self) -> str:
+        return storage.join(self.root, "index")
+
+    def per_space(self, name: str) -> dict[str, Staged]:
+        """{space: handle} for the spaces whose `name` value a phase wrote."""
+        handles = {space: self.value(f"{name}-{space}") for space in SPACES}
+        return {space: h for space, h in handles.items() if storage.exists(h.path)}
+
+
+def _finish(*branches) -> None:
+    """One last step that every branch of a phase feeds: DaskRunner computes only the graph of
+    the pipeline's last transform (DaskRunner.run_pipeline), so a branch that it does not
+    depend on would silently never run."""
+    _ = branches | "Branches" >> beam.Flatten() | "Done" >> beam.combiners.Count.Globally()
+
+
+def _write(value: Any, path: str) -> str:
+    return staged_values.write(path, value)
+
+
+def _write_per_space(item: tuple, work: MineWork, name: str) -> str:
+    space, value = item
+    return staged_values.write(work.value(f"{name}-{space}").path, value)
+
+
+class _ScanAndStage(ScanShards):
+    """(number, shard path) → its ShardScan, after writing it to scans/<number>.npz."""
+
+    def __init__(self, work: MineWork):
+        super().__init__()
+        self.work = work
+
+    def process(self, item):
+        number, path = item
+        for scan in super().process(path):
+            storage.makedirs(storage.join(self.work.root, "scans"))
+            staged_values.write(self.work.scan(number), scan)
+            yield scan
+
+
+def scan_phase(pipeline: beam.Pipeline, shards: list[str], work: MineWork) -> None:
+    """1: every shard scanned once; its scan staged; corpus statistics combined."""
+    scans = (
+        pipeline
+        | "Shards" >> beam.Create(list(enumerate(shards)))
+        | "Scan" >> beam.ParDo(_ScanAndStage(work)).with_output_types(ShardScan)
+    )
+    stats = (
+        scans
+        | "Stats" >> beam.CombineGlobally(SumStats()).with_output_types(CorpusStats)
+        | "StageStats" >> beam.Map(_write, work.value("stats").path)
+    )
+    _finish(scans | "Scanned" >> beam.Map(lambda scan: scan.shard), stats)
+
+
+def _read_scan(path: str) -> ShardScan:
+    return staged_values.read(path)
+
+
+def _read_bucket(path: str) -> TextBucket:
+    return staged_values.read(path)
+
+
+def _stage_bucket(bucket: TextBucket, work: MineWork):
+    storage.makedirs(storage.join(work.root, "buckets"))
+    staged_values.write(work.bucket(bucket.space, bucket.bucket), bucket)
+    return (bucket.space, bucket.bucket), bucket.size
+
+
+def group_phase(pipeline: beam.Pipeline, n_shards: int, work: MineWork, config: MineConfig) -> None:
+    """2: texts grouped into buckets (staged); row starts; an SVD reducer per space."""
+    n_buckets = max(1, n_shards)
+    buckets = (
+        pipeline
+        | "Scans" >> beam.Create([work.scan(i) for i in range(n_shards)])
+        | "ReadScans" >> beam.Map(_read_scan).with_output_types(ShardScan)
+        | "TextParts"
+        >> beam.FlatMap(text_parts, n_buckets, config.seed).with_output_types(
+            Tuple[Tuple[str, int], TextPart]
+        )
+        | "GroupTexts" >> beam.GroupByKey()
+        | "Buckets" >> beam.Map(group_bucket, config.seed).with_output_types(TextBucket)
+    )
+    starts = (
+        buckets
+        | "StageBuckets" >> beam.Map(_stage_bucket, work)
+        | "AllSizes" >> beam.CombineGlobally(ConcatDict())
+        | "RowStarts" >> beam.Map(row_starts, n_buckets).with_output_types(RowStarts)
+        | "StageStarts" >> beam.Map(_write, work.value("starts").path)
+    )
+    reducers = (
+        buckets
+        | "SvdSample" >> beam.FlatMap(svd_candidates, config.svd_sample)
+        | "LowestHashes" >> beam.CombinePerKey(LowestHashes(config.svd_sample))
+        | "Reducer" >> beam.Map(WithStaged(fit_space_reducer, work.value("stats"), args=(config,)))
+        | "StageReducers" >> beam.Map(_write_per_space, work, "reducer")
+    )
+    _finish(starts, reducers)
+
+
+def bucket_paths(work: MineWork) -> list[str]:
+    """The buckets phase 2 wrote (a bucket no text hashed to has no file)."""
+    starts: RowStarts = staged_values.read(work.value("starts").path)
+    return [
+        work.bucket(space, b)
+        for space in SPACES
+        for b in range(len(starts.starts[space]) - 1)
+        if starts.starts[space][b + 1] > starts.starts[space][b]
+    ]
+
+
+def _buckets(pipeline: beam.Pipeline, work: MineWork):
+    return (
+        pipeline
+        | "BucketFiles" >> beam.Create(bucket_paths(work))
+        | "ReadBuckets" >> beam.Map(_read_bucket).with_output_types(TextBucket)
+    )
+
+
+def train_phase(pipeline: beam.Pipeline, work: MineWork, config: MineConfig) -> None:
+    """3: each space's faiss index trained on a bounded sample of its vectors."""
+    stats, starts, reducers = work.value("stats"), work.value("starts"), work.per_space("reducer")
+    _ = (
+        _buckets(pipeline, work)
+        | "TrainSample"
+        >> beam.FlatMap(WithStaged(train_candidates, reducers, stats, starts, args=(config,)))
+        | "AllTrainSample" >> beam.CombinePerKey(ConcatSamples())
+        | "Train" >> beam.Map(WithStaged(train_space, starts, args=(config,)))
+        | "StageTrained" >> beam.Map(_write_per_space, work, "trained")
+    )
+
+
+def fill_phase(
+    pipeline: beam.Pipeline, work: MineWork, config: MineConfig, relations: Relations
+) -> None:
+    """4: the index filled bucket by bucket into part files, assembled per space."""
+    stats, starts = work.value("stats"), work.value("starts")
+    reducers, trained = work.per_space("reducer"), work.per_space("trained")
+    fill = WithStaged(
+        index_part, reducers, trained, stats, starts, args=(config, relations, work.index)
+    )
+    _ = (
+        _buckets(pipeline, work)
+        | "Fill" >> beam.FlatMap(fill)
+        | "Parts" >> beam.CombinePerKey(beam.combiners.ToListCombineFn())
+        | "Index"
+        >> beam.Map(WithStaged(assemble, reducers, trained, starts, args=(config, work.index)))
+        | "StageIndex" >> beam.Map(_write_per_space, work, "index")
+    )
+
+
+def _sample_rows(bucket: TextBucket, starts: RowStarts, config: MineConfig):
+    limit = config.k_positives if bucket.space == CAPTIONS else config.k_image_positives
+    return sample_rows(bucket, starts, limit)
+
+
+def _keyed_input(path: str):
+    scan = _read_scan(path)
+    return scan.shard, mine_input(scan)
+
+
+def _keyed_search(search):
+    return search.scan.shard, search
+
+
+def _resolve_from_file(item, starts: RowStarts, work: MineWork):
+    """((space, bucket), [Requests]) → (shard, Resolved), the texts read from the bucket's file."""
+    (space, bucket), asked = item
+    joined = {"bucket": [_read_bucket(work.bucket(space, bucket))], "requests": list(asked)}
+    return resolve(((space, bucket), joined), starts)
+
+
+def mine_phase(
+    pipeline: beam.Pipeline, n_shards: int, work: MineWork, config: MineConfig, out: str
+):
+    """5: search each shard against the index, look up the chosen texts, write the shards.
+
+    Returns the PCollection of written shards' summaries.
+    """
+    stats, starts = work.value("stats"), work.value("starts")
+    rows = _buckets(pipeline, work) | "SampleRows" >> beam.FlatMap(
+        WithStaged(_sample_rows, starts, args=(config,))
+    )
+    inputs = (
+        pipeline
+        | "Scans" >> beam.Create([work.scan(i) for i in range(n_shards)])
+        | "MineInputs" >> beam.Map(_keyed_input).with_output_types(Tuple[str, Any])
+    )
+    searched = (
+        {"input": inputs, "rows": rows}
+        | "JoinRows" >> beam.CoGroupByKey()
+        | "Search" >> beam.ParDo(SearchShards(config, work.per_space("index"), stats))
+    )
+    texts = (
+        searched
+        | "Requests" >> beam.FlatMap(WithStaged(requests, starts))
+        | "GroupRequests" >> beam.GroupByKey()
+        | "Resolve" >> beam.FlatMap(WithStaged(_resolve_from_file, starts, args=(work,)))
+    )
+    return (
+        {"search": searched | "KeySearch" >> beam.Map(_keyed_search), "texts": texts}
+        | "JoinWrite" >> beam.CoGroupByKey()
+        | "Write" >> beam.ParDo(WriteShards(config, out))
+    )
