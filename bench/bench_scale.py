@@ -11,9 +11,9 @@ combiner, input chunks written), no crawl (every chunk is done), and the assembl
 near and caption dedup, shard numbering, tar + parquet shards, the stats dataset).
 
 Each size runs `vlforge corpus --runner DaskRunner` as a child process (the launcher) against a
-fresh dask.distributed LocalCluster of --workers processes: the launcher's peak from os.wait4,
-each worker's from its own getrusage. Per-worker peak should stay flat (<= 1.5x from 100k to 1M)
-and time grow linearly with rows.
+fresh dask.distributed LocalCluster of --workers processes: the launcher's and each worker's
+peak from the VmHWM of their own address space (bench/peak_memory.py says why not ru_maxrss).
+Per-worker peak should stay flat (<= 1.5x from 100k to 1M) and time grow linearly with rows.
 
     python bench/bench_scale.py [--sizes 10000,100000,1000000] [--mine-sizes 1000000]
 """
@@ -129,23 +129,27 @@ def build_inputs(directory: Path, n: int, seed: int = 0) -> Path:
 
 
 def _worker_usage() -> dict:
+    from bench.peak_memory import peak_kib  # VmHWM: ru_maxrss would include the bench's own size
+
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"max_rss_kb": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime}
+    return {"max_rss_kb": peak_kib(), "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def measure_corpus(n: int, work: Path, workers: int = 2, extra: tuple[str, ...] = ()) -> dict:
     """Plan + assemble n rows on a fresh LocalCluster; wall, peak RSS (MiB), CPU ms per row."""
     sys.path.insert(0, str(ROOT))
     from bench.bench_scale_mine import local_cluster
+    from bench.peak_memory import read_report
 
     source = build_inputs(work, n)
     out = work / f"out-{n}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(source / "fetched", out / "_work" / "fetched")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    report = work / f"launcher-peak-{n}.kib"
     with local_cluster(workers) as (cluster, client):
         command = [
-            sys.executable, "-m", "vlforge.cli", "corpus", "--urls", str(source / "urls.parquet"),
+            sys.executable, str(ROOT / "bench" / "peak_memory.py"), str(report), "corpus", "--urls", str(source / "urls.parquet"),
             "--out", str(out), "--chunk-size", str(CHUNK), "--shard-size", str(SHARD),
             "--no-progress", "--runner", "DaskRunner",
             "--dask_client_address", cluster.scheduler_address, *extra,
@@ -172,7 +176,7 @@ def measure_corpus(n: int, work: Path, workers: int = 2, extra: tuple[str, ...] 
         "wall_s": round(wall, 1),
         "plan_s": manifest["timings"]["plan_s"],
         "assemble_s": manifest["timings"]["assemble_s"],
-        "launcher_peak_mib": round(launcher.ru_maxrss / 1024),
+        "launcher_peak_mib": round(read_report(report) / 1024),
         "worker_peak_mib": round(max(u["max_rss_kb"] for u in used.values()) / 1024),
         "cpu_s": round(launcher_cpu + worker_cpu, 1),
         "cpu_ms_per_row": round(1000 * (launcher_cpu + worker_cpu) / n, 3),

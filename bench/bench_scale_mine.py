@@ -11,7 +11,8 @@ featurize's cost, not mining's).
 
 Each size runs `vlforge mine --runner DaskRunner` as a child process (the launcher) against a
 fresh dask.distributed LocalCluster of --workers worker processes, so each peak is that of one
-process for one size: the launcher's from os.wait4, each worker's from its own getrusage.
+process for one size: the VmHWM of its own address space (bench/peak_memory.py: not
+ru_maxrss, which counts the bench process that started it).
 """
 
 from __future__ import annotations
@@ -125,8 +126,10 @@ class _Sampler:
 
 
 def _worker_usage() -> dict:
+    from bench.peak_memory import peak_kib  # VmHWM: ru_maxrss would include the bench's own size
+
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"max_rss_kb": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime}
+    return {"max_rss_kb": peak_kib(), "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 @contextlib.contextmanager
@@ -161,13 +164,17 @@ def measure_mine(
 
     quality: also mine_quality's neg_false_rate and ivf_recall10 of the output (minutes more).
     """
+    sys.path.insert(0, str(ROOT))
+    from bench.peak_memory import read_report
+
     source = build_inputs(work, n, shard_size, seed)
     out = work / f"out-{n}"
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    report = work / f"launcher-peak-{n}.kib"
     with local_cluster(workers) as (cluster, client):
         command = [
-            sys.executable, "-m", "vlforge.cli", "mine", "--in", str(source), "--out", str(out),
+            sys.executable, str(ROOT / "bench" / "peak_memory.py"), str(report), "mine", "--in", str(source), "--out", str(out),
             "--no-progress", "--runner", "DaskRunner", "--dask_client_address",
             cluster.scheduler_address,
         ]  # fmt: skip
@@ -196,7 +203,7 @@ def measure_mine(
         "shards": len(manifest["shards"]),
         "workers": workers,
         "wall_s": round(wall, 1),
-        "launcher_peak_mib": round(launcher.ru_maxrss / 1024),
+        "launcher_peak_mib": round(read_report(report) / 1024),
         "worker_peak_mib": round(max(u["max_rss_kb"] for u in used.values()) / 1024),
         "cpu_s": round(launcher_cpu + worker_cpu, 1),
         "cpu_ms_per_row": round(1000 * (launcher_cpu + worker_cpu) / n, 3),
