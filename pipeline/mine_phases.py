@@ -14,14 +14,16 @@ JSON, no pickle), and later phases read it by path; each worker reads a small va
              bucket sizes → row starts; lowest-hash texts (bounded combiner) → SVD reducers
   3. train   buckets → a bounded sample of vectors per space → trained faiss index
   4. fill    buckets → index parts → assembled index files (mine_index_files) → IndexFiles
-  5. mine    scans + each bucket's SampleRows (join by shard) → SearchShards → the texts asked
-             of each bucket (GroupByKey(bucket), answered from its file) → WriteShards
+  5. mine    scans + each bucket's SampleRows (join by shard) → SearchShards (each shard's
+             search staged) → the texts asked of each bucket (GroupByKey(bucket), answered
+             from its file) → WriteShards
 
 The work directory is `<out>/.mine-work`; run_mine deletes it before and after a run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 
@@ -56,8 +58,16 @@ from vlforge.pipeline.mine_corpus import (
 from vlforge.pipeline.mine_filter import Relations
 from vlforge.pipeline.mine_groups import TextGroups
 from vlforge.pipeline.mine_index_files import IndexFiles
-from vlforge.pipeline.mine_scan import CorpusStats, ScanShards, ShardScan, SumStats, mine_input
-from vlforge.pipeline.mine_shard import SearchShards, WriteShards, requests
+from vlforge.pipeline.mine_scan import (
+    CorpusStats,
+    MineInput,
+    PickledBatch,
+    ScanShards,
+    ShardScan,
+    SumStats,
+    mine_input,
+)
+from vlforge.pipeline.mine_shard import SearchShards, ShardSearch, WriteShards, requests
 from vlforge.pipeline.mine_tar import SampleIndex
 from vlforge.pipeline.staged_values import Staged, WithStaged
 from vlforge.pipeline.tfidf import Reducer
@@ -65,7 +75,8 @@ from vlforge.pipeline.tfidf import Reducer
 WORK_DIR = ".mine-work"  # under --out
 for _type in (ShardScan, SampleIndex, TextBucket, TextGroups, CorpusStats, RowStarts, Reducer):
     staged_values.register(_type)
-staged_values.register(IndexFiles)
+for _type in (IndexFiles, ShardSearch, MineInput):
+    staged_values.register(_type)
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,10 @@ class MineWork:
 
     def scan(self, number: int) -> str:
         return storage.join(self.root, "scans", f"{number:06d}.npz")
+
+    def search(self, shard: str) -> str:
+        name = hashlib.sha256(shard.encode()).hexdigest()[:20]
+        return storage.join(self.root, "searches", f"{name}.npz")
 
     def bucket(self, space: str, bucket: int) -> str:
         return storage.join(self.root, "buckets", f"{space}-{bucket:06d}.npz")
@@ -250,8 +265,54 @@ def _keyed_input(path: str):
     return scan.shard, mine_input(scan)
 
 
-def _keyed_search(search):
-    return search.scan.shard, search
+@dataclass
+class SearchedShard:
+    """A shard's search, staged: where its ShardSearch lies, and the texts it asks for."""
+
+    shard: str
+    path: str
+    requests: list  # ((space, bucket), Requests)
+
+
+beam.coders.registry.register_coder(SearchedShard, PickledBatch)
+
+
+class _SearchAndStage(SearchShards):
+    """SearchShards whose ShardSearch (every sample's mine dict, rings, chosen rows: the
+    stage's largest per-shard value) goes to a file until its shard is written, instead of
+    being held by the runner for the two steps that read it: on DaskRunner every shard's
+    search stayed in worker memory until the last shard's texts were resolved."""
+
+    def __init__(self, config: MineConfig, indexes: dict, stats: Staged, starts: Staged, work):
+        super().__init__(config, indexes, stats)
+        self.starts = starts
+        self.work = work
+
+    def process(self, item):
+        for search in super().process(item):
+            path = self.work.search(search.scan.shard)
+            storage.makedirs(storage.join(self.work.root, "searches"))
+            staged_values.write(path, search)
+            yield SearchedShard(search.scan.shard, path, requests(search, self.starts.get()))
+
+
+class _WriteStaged(WriteShards):
+    """WriteShards reading each shard's staged search."""
+
+    def process(self, item):
+        shard, joined = item
+        (path,) = joined["search"]
+        yield from super().process(
+            (shard, {"search": [staged_values.read(path)], "texts": joined["texts"]})
+        )
+
+
+def _requests(searched: SearchedShard) -> list:
+    return searched.requests
+
+
+def _keyed_search(searched: SearchedShard):
+    return searched.shard, searched.path
 
 
 def _resolve_from_file(item, starts: RowStarts, work: MineWork):
@@ -280,16 +341,19 @@ def mine_phase(
     searched = (
         {"input": inputs, "rows": rows}
         | "JoinRows" >> beam.CoGroupByKey()
-        | "Search" >> beam.ParDo(SearchShards(config, work.per_space("index"), stats))
+        | "Search"
+        >> beam.ParDo(
+            _SearchAndStage(config, work.per_space("index"), stats, starts, work)
+        ).with_output_types(SearchedShard)
     )
     texts = (
         searched
-        | "Requests" >> beam.FlatMap(WithStaged(requests, starts))
+        | "Requests" >> beam.FlatMap(_requests)
         | "GroupRequests" >> beam.GroupByKey()
         | "Resolve" >> beam.FlatMap(WithStaged(_resolve_from_file, starts, args=(work,)))
     )
     return (
         {"search": searched | "KeySearch" >> beam.Map(_keyed_search), "texts": texts}
         | "JoinWrite" >> beam.CoGroupByKey()
-        | "Write" >> beam.ParDo(WriteShards(config, out))
+        | "Write" >> beam.ParDo(_WriteStaged(config, out))
     )
