@@ -74,9 +74,23 @@ class HashSample:
         )
 
 
-def svd_candidates(bucket: TextBucket, limit: int):
-    """A bucket's `limit` texts of lowest hash: (space, HashSample)."""
-    whole = HashSample(bucket.hashes, bucket.groups.texts, bucket.counts)
+def svd_candidates(bucket: TextBucket, stats: CorpusStats, limit: int):
+    """(space, HashSample): the bucket's texts that may be among the space's `limit` of lowest
+    hash. Only those below a hash threshold are sent on, set for 2 * limit + 64 of the space's
+    samples, so that what the runner holds until LowestHashes has combined them is bounded by
+    the sample size, not the corpus (DaskRunner keeps a combiner's inputs in memory). The
+    threshold counts samples, not distinct texts: a corpus mostly of repeated captions may
+    yield fewer than `limit`, and the reducer is then fitted on fewer (the same on any runner).
+    """
+    n = stats.n_captions if bucket.space == CAPTIONS else stats.n_tags
+    share = min(1.0, (2 * limit + 64) / max(1, n))
+    threshold = np.uint64(min(_HASH_SPACE - 1, int(share * _HASH_SPACE)))
+    chosen = np.flatnonzero(bucket.hashes <= threshold)
+    whole = HashSample(
+        bucket.hashes[chosen],
+        [bucket.groups.texts[i] for i in chosen.tolist()],
+        bucket.counts[chosen],
+    )
     yield bucket.space, whole.lowest(limit)
 
 

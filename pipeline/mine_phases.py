@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import apache_beam as beam
+import numpy as np
+import scipy.sparse as sp
 from apache_beam.typehints import Any, Tuple
 
 from vlforge.pipeline import staged_values, storage
@@ -141,7 +143,30 @@ class _ScanAndStage(ScanShards):
         for scan in super().process(path):
             storage.makedirs(storage.join(self.work.root, "scans"))
             staged_values.write(self.work.scan(number), scan)
-            yield scan
+            yield _for_stats(scan)
+
+
+def _for_stats(scan: ShardScan) -> ShardScan:
+    """The scan without what SumStats does not read (texts, keys, graphs, the tar index, term
+    counts' values): the runner holds every shard's element until the combiner has read it."""
+
+    def terms_only(counts):
+        return sp.csr_matrix(
+            (np.ones(counts.nnz, np.int8), counts.indices, counts.indptr), shape=counts.shape
+        )
+
+    return replace(
+        scan,
+        index=None,
+        keys=[],
+        captions=[],
+        texts=[],
+        images=[],
+        graphs=[],
+        tag_texts=[],
+        caption_counts=terms_only(scan.caption_counts),
+        tag_counts=terms_only(scan.tag_counts),
+    )
 
 
 def scan_phase(pipeline: beam.Pipeline, shards: list[str], work: MineWork) -> None:
@@ -167,16 +192,31 @@ def _read_bucket(path: str) -> TextBucket:
     return staged_values.read(path)
 
 
-def _stage_bucket(bucket: TextBucket, work: MineWork):
+def _stage_bucket(bucket: TextBucket, stats: CorpusStats, work: MineWork, config: MineConfig):
+    """TextBucket → ((space, bucket), its size, its SVD candidates), after writing its file.
+
+    One step reads the bucket and both branches get small values: a bucket read by two steps
+    is held by DaskRunner until the second has run, so every bucket was in memory at once.
+    """
     storage.makedirs(storage.join(work.root, "buckets"))
     staged_values.write(work.bucket(bucket.space, bucket.bucket), bucket)
-    return (bucket.space, bucket.bucket), bucket.size
+    (candidates,) = svd_candidates(bucket, stats, config.svd_sample)
+    return (bucket.space, bucket.bucket), bucket.size, candidates
+
+
+def _size(staged: tuple):
+    return staged[0], staged[1]
+
+
+def _svd_candidates(staged: tuple):
+    return staged[2]
 
 
 def group_phase(pipeline: beam.Pipeline, n_shards: int, work: MineWork, config: MineConfig) -> None:
     """2: texts grouped into buckets (staged); row starts; an SVD reducer per space."""
     n_buckets = max(1, n_shards)
-    buckets = (
+    stats = work.value("stats")
+    staged = (
         pipeline
         | "Scans" >> beam.Create([work.scan(i) for i in range(n_shards)])
         | "ReadScans" >> beam.Map(_read_scan).with_output_types(ShardScan)
@@ -186,19 +226,20 @@ def group_phase(pipeline: beam.Pipeline, n_shards: int, work: MineWork, config: 
         )
         | "GroupTexts" >> beam.GroupByKey()
         | "Buckets" >> beam.Map(group_bucket, config.seed).with_output_types(TextBucket)
+        | "StageBuckets" >> beam.Map(WithStaged(_stage_bucket, stats, args=(work, config)))
     )
     starts = (
-        buckets
-        | "StageBuckets" >> beam.Map(_stage_bucket, work)
+        staged
+        | "Sizes" >> beam.Map(_size)
         | "AllSizes" >> beam.CombineGlobally(ConcatDict())
         | "RowStarts" >> beam.Map(row_starts, n_buckets).with_output_types(RowStarts)
         | "StageStarts" >> beam.Map(_write, work.value("starts").path)
     )
     reducers = (
-        buckets
-        | "SvdSample" >> beam.FlatMap(svd_candidates, config.svd_sample)
+        staged
+        | "SvdSample" >> beam.Map(_svd_candidates)
         | "LowestHashes" >> beam.CombinePerKey(LowestHashes(config.svd_sample))
-        | "Reducer" >> beam.Map(WithStaged(fit_space_reducer, work.value("stats"), args=(config,)))
+        | "Reducer" >> beam.Map(WithStaged(fit_space_reducer, stats, args=(config,)))
         | "StageReducers" >> beam.Map(_write_per_space, work, "reducer")
     )
     _finish(starts, reducers)
