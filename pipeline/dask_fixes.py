@@ -10,7 +10,8 @@
    the function by reference (module and name), so workers import this module and use it too.
 2. Side inputs are recomputed from scratch by every bundle that reads them: the runner hands
    each task the side input's dask bag, which the task computes again (its FIXME). Mining's
-   corpus side input was rebuilt, every shard scanned again, once per shard. `install` has the
+   corpus side input was rebuilt, every shard scanned again, once per shard (mining now
+   stages such values in files instead: mine_phases). `install` has the
    runner persist each side input's bag on the cluster once, as the launcher builds the graph;
    tasks then fetch the computed partitions instead of recomputing them. Each persist is
    waited for before the next graph is sent: side inputs that share upstream steps (mining's

@@ -272,13 +272,15 @@ def resolve(item, starts: RowStarts):
 
 
 class ConcatDict(beam.CombineFn):
-    """(key, value) pairs → one dict (small: one entry per bucket)."""
+    """(key, value) pairs → one dict (small: one entry per bucket); None, a pipeline's
+    guarantee of one input when there may be no pairs, adds nothing."""
 
     def create_accumulator(self):
         return {}
 
     def add_input(self, acc, pair):
-        acc[pair[0]] = pair[1]
+        if pair is not None:
+            acc[pair[0]] = pair[1]
         return acc
 
     def merge_accumulators(self, accumulators):

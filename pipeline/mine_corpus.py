@@ -12,7 +12,7 @@ Per space (captions, tags), from the TextBuckets (mine_buckets):
   texts' checkable claims (mine_filter) as integer arrays; the parts are merged in bucket order
   into one file per column (mine_index_files, which says why files and not a side-input value).
 
-The search step's side input is that merged index's handle (IndexFiles); its files hold vectors,
+The search step reads that merged index's handle (IndexFiles, staged by mine_phases); its files hold vectors,
 ids and numbers, no key, caption or text (the search step asks for those by row id,
 mine_buckets.resolve). The one exception is the texts' compact scene graphs, kept only when some
 sample has no tags.json (those pairs take the Python certainly_false, which reads graphs).

@@ -1,4 +1,4 @@
-"""The search index as files that each worker maps, not a side-input value that every task copies.
+"""The search index as files that each worker maps, not a value that every task copies.
 
 Why files: on DaskRunner every task that reads a side input computes the side input's whole bag
 again inside the task (DaskBagWindowedIterator), so the old SearchIndex value (vectors, TF-IDF
@@ -10,7 +10,7 @@ and one task gathered every part to build it. Now:
 - the index step (`assemble_files`) streams the parts, in bucket order, into one `.npy` per
   column (np.lib.format.open_memmap: one part in memory at a time) and, for IVF, merges the
   parts' inverted lists on disk (faiss.contrib.ondisk.merge_ondisk, faiss's own recipe for
-  indexes larger than RAM); its output is IndexFiles, a handle small enough for a side input;
+  indexes larger than RAM); its output is IndexFiles, a handle of a few paths and numbers (staged by mine_phases);
 - each worker process opens the files once (`open_index`: np.load(mmap_mode="r"), faiss
   IO_FLAG_MMAP) and keeps them for its life. Mapped pages are page cache shared by the
   processes of a machine, not heap each task allocates again.
@@ -44,7 +44,6 @@ from vlforge.pipeline.mine_filter import Claims
 from vlforge.pipeline.mine_scan import PickledBatch
 from vlforge.pipeline.neighbour_config import NeighbourConfig
 
-INDEX_DIR = ".mine-index"  # under --out; run_mine deletes it when the stage ends
 _CLAIM_FIELDS = tuple(Claims.__dataclass_fields__)
 
 
@@ -62,7 +61,7 @@ class PartFile:
 
 @dataclass
 class IndexFiles:
-    """One space's assembled index: the side input of the search step (no arrays of size n)."""
+    """One space's assembled index, as the search step reads it (no arrays of size n)."""
 
     space: str
     n: int

@@ -119,7 +119,19 @@ def _finish(*branches) -> None:
     """One last step that every branch of a phase feeds: DaskRunner computes only the graph of
     the pipeline's last transform (DaskRunner.run_pipeline), so a branch that it does not
     depend on would silently never run."""
-    _ = branches | "Branches" >> beam.Flatten() | "Done" >> beam.combiners.Count.Globally()
+    _ = (
+        branches
+        | "Branches" >> beam.Flatten()
+        | "Done" >> combine_globally(beam.combiners.CountCombineFn())
+    )
+
+
+def combine_globally(combine: beam.CombineFn) -> beam.PTransform:
+    """CombineGlobally without its default for an empty input: Beam injects that default
+    through a side input, which DaskRunner persists (dask_fixes, 2); a phase's persist could
+    wait forever on keys named like the previous phase's ("Done", "Branches"), seen as a hung
+    test. Every phase has input (run_mine refuses an empty --in), so no default is needed."""
+    return beam.CombineGlobally(combine).without_defaults()
 
 
 def _write(value: Any, path: str) -> str:
@@ -178,18 +190,10 @@ def scan_phase(pipeline: beam.Pipeline, shards: list[str], work: MineWork) -> No
     )
     stats = (
         scans
-        | "Stats" >> beam.CombineGlobally(SumStats()).with_output_types(CorpusStats)
+        | "Stats" >> combine_globally(SumStats()).with_output_types(CorpusStats)
         | "StageStats" >> beam.Map(_write, work.value("stats").path)
     )
     _finish(scans | "Scanned" >> beam.Map(lambda scan: scan.shard), stats)
-
-
-def _read_scan(path: str) -> ShardScan:
-    return staged_values.read(path)
-
-
-def _read_bucket(path: str) -> TextBucket:
-    return staged_values.read(path)
 
 
 def _stage_bucket(bucket: TextBucket, stats: CorpusStats, work: MineWork, config: MineConfig):
@@ -219,7 +223,7 @@ def group_phase(pipeline: beam.Pipeline, n_shards: int, work: MineWork, config: 
     staged = (
         pipeline
         | "Scans" >> beam.Create([work.scan(i) for i in range(n_shards)])
-        | "ReadScans" >> beam.Map(_read_scan).with_output_types(ShardScan)
+        | "ReadScans" >> beam.Map(staged_values.read).with_output_types(ShardScan)
         | "TextParts"
         >> beam.FlatMap(text_parts, n_buckets, config.seed).with_output_types(
             Tuple[Tuple[str, int], TextPart]
@@ -228,10 +232,13 @@ def group_phase(pipeline: beam.Pipeline, n_shards: int, work: MineWork, config: 
         | "Buckets" >> beam.Map(group_bucket, config.seed).with_output_types(TextBucket)
         | "StageBuckets" >> beam.Map(WithStaged(_stage_bucket, stats, args=(work, config)))
     )
+    # None: one input even if no shard has a caption, so that row starts are always written
+    # (the combine has no default: combine_globally).
+    no_sizes = pipeline | "AtLeastOne" >> beam.Create([None])
     starts = (
-        staged
-        | "Sizes" >> beam.Map(_size)
-        | "AllSizes" >> beam.CombineGlobally(ConcatDict())
+        (staged | "Sizes" >> beam.Map(_size), no_sizes)
+        | "WithNone" >> beam.Flatten()
+        | "AllSizes" >> combine_globally(ConcatDict())
         | "RowStarts" >> beam.Map(row_starts, n_buckets).with_output_types(RowStarts)
         | "StageStarts" >> beam.Map(_write, work.value("starts").path)
     )
@@ -260,7 +267,7 @@ def _buckets(pipeline: beam.Pipeline, work: MineWork):
     return (
         pipeline
         | "BucketFiles" >> beam.Create(bucket_paths(work))
-        | "ReadBuckets" >> beam.Map(_read_bucket).with_output_types(TextBucket)
+        | "ReadBuckets" >> beam.Map(staged_values.read).with_output_types(TextBucket)
     )
 
 
@@ -302,7 +309,7 @@ def _sample_rows(bucket: TextBucket, starts: RowStarts, config: MineConfig):
 
 
 def _keyed_input(path: str):
-    scan = _read_scan(path)
+    scan: ShardScan = staged_values.read(path)
     return scan.shard, mine_input(scan)
 
 
@@ -359,7 +366,7 @@ def _keyed_search(searched: SearchedShard):
 def _resolve_from_file(item, starts: RowStarts, work: MineWork):
     """((space, bucket), [Requests]) → (shard, Resolved), the texts read from the bucket's file."""
     (space, bucket), asked = item
-    joined = {"bucket": [_read_bucket(work.bucket(space, bucket))], "requests": list(asked)}
+    joined = {"bucket": [staged_values.read(work.bucket(space, bucket))], "requests": list(asked)}
     return resolve(((space, bucket), joined), starts)
 
 

@@ -4,7 +4,7 @@
 - text buckets give every sample the rows and ring partners of one global grouping;
 - an index filled part by part equals one filled at once, and IVF with every list probed
   equals exact search;
-- the search step's side input carries no key, caption or text.
+- the index handle and files the search step reads carry no key, caption or text.
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def test_ivf_pq_past_its_threshold_still_finds_the_neighbours():
 
 
 def test_search_index_holds_no_text(corpus, tmp_path, monkeypatch):
-    """The side input (a handle) and the index files the workers map carry no key or caption."""
+    """The index handle and the index files the workers map carry no key or caption."""
     src, samples = corpus
     seen = tmp_path / "indexes"
     original = mine_phases.assemble
@@ -274,3 +274,32 @@ def test_search_index_holds_no_text(corpus, tmp_path, monkeypatch):
     handle = pickle.loads((seen / CAPTIONS / "handle.pkl").read_bytes())
     assert handle.n == len({s["txt"].decode().strip().lower() for s in samples})
     assert not (out / mine_phases.WORK_DIR).exists()  # deleted when the stage ends
+
+
+def test_no_phase_reads_a_side_input(corpus, tmp_path, monkeypatch):
+    """On DaskRunner a side input is a persisted bag that recomputes its upstream, and a
+    CombineGlobally with its default (built on one) hung a phase; every phase reads staged files
+    instead, so none of the five pipelines may hold a transform with a side input."""
+    src, _ = corpus
+    built: list[beam.Pipeline] = []
+
+    class Recorded(beam.Pipeline):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    class SideInputs(beam.pipeline.PipelineVisitor):
+        def __init__(self):
+            self.found: list[str] = []
+
+        def visit_transform(self, applied):
+            if applied.side_inputs:
+                self.found.append(applied.full_label)
+
+    monkeypatch.setattr(beam, "Pipeline", Recorded)
+    run_mine(str(src), str(tmp_path / "out"), MineConfig(), show_progress=False)
+    assert len(built) == 5
+    for pipeline in built:
+        visitor = SideInputs()
+        pipeline.visit(visitor)
+        assert visitor.found == []
