@@ -37,7 +37,10 @@ from vlforge.pipeline.mine_buckets import (
     CAPTIONS,
     SPACES,
     ConcatDict,
+    Requests,
+    Resolved,
     RowStarts,
+    SampleRows,
     TextBucket,
     TextPart,
     group_bucket,
@@ -71,13 +74,19 @@ from vlforge.pipeline.mine_scan import (
 )
 from vlforge.pipeline.mine_shard import SearchShards, ShardSearch, WriteShards, requests
 from vlforge.pipeline.mine_tar import SampleIndex
+from vlforge.pipeline.staged_shuffle import (
+    StagedCoGroupByKey,
+    StagedGroupByKey,
+    read_group,
+    stage_value,
+)
 from vlforge.pipeline.staged_values import Staged, WithStaged
 from vlforge.pipeline.tfidf import Reducer
 
 WORK_DIR = ".mine-work"  # under --out
 for _type in (ShardScan, SampleIndex, TextBucket, TextGroups, CorpusStats, RowStarts, Reducer):
     staged_values.register(_type)
-for _type in (IndexFiles, ShardSearch, MineInput):
+for _type in (IndexFiles, ShardSearch, MineInput, TextPart, SampleRows, Requests, Resolved):
     staged_values.register(_type)
 
 
@@ -228,7 +237,7 @@ def group_phase(pipeline: beam.Pipeline, n_shards: int, work: MineWork, config: 
         >> beam.FlatMap(text_parts, n_buckets, config.seed).with_output_types(
             Tuple[Tuple[str, int], TextPart]
         )
-        | "GroupTexts" >> beam.GroupByKey()
+        | "GroupTexts" >> StagedGroupByKey(storage.join(work.root, "parts"))
         | "Buckets" >> beam.Map(group_bucket, config.seed).with_output_types(TextBucket)
         | "StageBuckets" >> beam.Map(WithStaged(_stage_bucket, stats, args=(work, config)))
     )
@@ -308,28 +317,24 @@ def _sample_rows(bucket: TextBucket, starts: RowStarts, config: MineConfig):
     return sample_rows(bucket, starts, limit)
 
 
-def _keyed_input(path: str):
-    scan: ShardScan = staged_values.read(path)
-    return scan.shard, mine_input(scan)
-
-
 @dataclass
 class SearchedShard:
     """A shard's search, staged: where its ShardSearch lies, and the texts it asks for."""
 
     shard: str
     path: str
-    requests: list  # ((space, bucket), Requests)
+    requests: list  # ((space, bucket), path of its staged Requests)
 
 
 beam.coders.registry.register_coder(SearchedShard, PickledBatch)
 
 
 class _SearchAndStage(SearchShards):
-    """SearchShards whose ShardSearch (every sample's mine dict, rings, chosen rows: the
-    stage's largest per-shard value) goes to a file until its shard is written, instead of
-    being held by the runner for the two steps that read it: on DaskRunner every shard's
-    search stayed in worker memory until the last shard's texts were resolved."""
+    """SearchShards reading its shard's scan from its file, whose ShardSearch (every sample's
+    mine dict, rings, chosen rows: the stage's largest per-shard value) and the texts it asks
+    of each bucket go to files until they are read, instead of being held by the runner: on
+    DaskRunner every shard's search stayed in worker memory until the last shard's texts
+    were resolved (staged_shuffle says why for the requests)."""
 
     def __init__(self, config: MineConfig, indexes: dict, stats: Staged, starts: Staged, work):
         super().__init__(config, indexes, stats)
@@ -337,11 +342,20 @@ class _SearchAndStage(SearchShards):
         self.work = work
 
     def process(self, item):
-        for search in super().process(item):
+        shard, joined = item
+        (scan_path,) = joined["input"]
+        scan_input = mine_input(staged_values.read(scan_path))
+        for search in super().process((shard, {"input": [scan_input], "rows": joined["rows"]})):
             path = self.work.search(search.scan.shard)
+            asked = storage.join(self.work.root, "requests")
             storage.makedirs(storage.join(self.work.root, "searches"))
+            storage.makedirs(asked)
             staged_values.write(path, search)
-            yield SearchedShard(search.scan.shard, path, requests(search, self.starts.get()))
+            staged = [
+                (bucket, stage_value(asked, value))
+                for bucket, value in requests(search, self.starts.get())
+            ]
+            yield SearchedShard(search.scan.shard, path, staged)
 
 
 class _WriteStaged(WriteShards):
@@ -364,14 +378,15 @@ def _keyed_search(searched: SearchedShard):
 
 
 def _resolve_from_file(item, starts: RowStarts, work: MineWork):
-    """((space, bucket), [Requests]) → (shard, Resolved), the texts read from the bucket's file."""
-    (space, bucket), asked = item
+    """((space, bucket), [path of Requests]) → (shard, Resolved), the texts read from the
+    bucket's file."""
+    (space, bucket), asked = read_group(item)
     joined = {"bucket": [staged_values.read(work.bucket(space, bucket))], "requests": list(asked)}
     return resolve(((space, bucket), joined), starts)
 
 
 def mine_phase(
-    pipeline: beam.Pipeline, n_shards: int, work: MineWork, config: MineConfig, out: str
+    pipeline: beam.Pipeline, shards: list[str], work: MineWork, config: MineConfig, out: str
 ):
     """5: search each shard against the index, look up the chosen texts, write the shards.
 
@@ -381,14 +396,12 @@ def mine_phase(
     rows = _buckets(pipeline, work) | "SampleRows" >> beam.FlatMap(
         WithStaged(_sample_rows, starts, args=(config,))
     )
-    inputs = (
-        pipeline
-        | "Scans" >> beam.Create([work.scan(i) for i in range(n_shards)])
-        | "MineInputs" >> beam.Map(_keyed_input).with_output_types(Tuple[str, Any])
+    inputs = pipeline | "Scans" >> beam.Create(
+        [(shard, work.scan(i)) for i, shard in enumerate(shards)]
     )
     searched = (
         {"input": inputs, "rows": rows}
-        | "JoinRows" >> beam.CoGroupByKey()
+        | "JoinRows" >> StagedCoGroupByKey(storage.join(work.root, "rows"), staged=("rows",))
         | "Search"
         >> beam.ParDo(
             _SearchAndStage(config, work.per_space("index"), stats, starts, work)
@@ -402,6 +415,6 @@ def mine_phase(
     )
     return (
         {"search": searched | "KeySearch" >> beam.Map(_keyed_search), "texts": texts}
-        | "JoinWrite" >> beam.CoGroupByKey()
+        | "JoinWrite" >> StagedCoGroupByKey(storage.join(work.root, "texts"), staged=("texts",))
         | "Write" >> beam.ParDo(_WriteStaged(config, out))
     )

@@ -249,7 +249,7 @@ def run_mine(
 
     def write(pipeline: beam.Pipeline) -> None:
         _ = (
-            mine_phases.mine_phase(pipeline, len(shards), work, config, out)
+            mine_phases.mine_phase(pipeline, shards, work, config, out)
             | "Written" >> mine_phases.combine_globally(beam.combiners.ToListCombineFn())
             | "Record" >> beam.Map(lambda w: storage.write_json(written_path, w))
         )
