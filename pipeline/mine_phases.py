@@ -10,11 +10,13 @@ JSON, no pickle), and later phases read it by path; each worker reads a small va
 (Staged.get). Within a phase nothing is read twice, so no phase needs a side input.
 
   1. scan    shards → ScanShards → scans/<i>.npz; SumStats (combiner) → stats
-  2. group   scans → TextParts → GroupByKey(text bucket) → buckets/<space>-<b>.npz;
+  2. group   scans → TextParts → GroupByKey(text bucket), parts staged (staged_shuffle)
+             → buckets/<space>-<b>.npz;
              bucket sizes → row starts; lowest-hash texts (bounded combiner) → SVD reducers
   3. train   buckets → a bounded sample of vectors per space → trained faiss index
   4. fill    buckets → index parts → assembled index files (mine_index_files) → IndexFiles
-  5. mine    scans + each bucket's SampleRows (join by shard) → SearchShards (each shard's
+  5. mine    scans + each bucket's SampleRows (join by shard; every shuffle here moves staged
+             files' paths: staged_shuffle) → SearchShards (each shard's
              search staged) → the texts asked of each bucket (GroupByKey(bucket), answered
              from its file) → WriteShards
 
