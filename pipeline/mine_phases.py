@@ -103,6 +103,11 @@ class MineWork:
     def under(cls, out: str) -> MineWork:
         return cls(storage.join(out, WORK_DIR), uuid.uuid4().hex)
 
+    def create(self) -> None:
+        """Make the directories the phases write into, once, before the first phase."""
+        for name in ("scans", "buckets", "searches", "requests"):
+            storage.makedirs(storage.join(self.root, name))
+
     def value(self, name: str) -> Staged:
         return Staged(storage.join(self.root, f"{name}.npz"), self.run)
 
@@ -164,7 +169,6 @@ class _ScanAndStage(ScanShards):
     def process(self, item):
         number, path = item
         for scan in super().process(path):
-            storage.makedirs(storage.join(self.work.root, "scans"))
             staged_values.write(self.work.scan(number), scan)
             yield _for_stats(scan)
 
@@ -213,7 +217,6 @@ def _stage_bucket(bucket: TextBucket, stats: CorpusStats, work: MineWork, config
     One step reads the bucket and both branches get small values: a bucket read by two steps
     is held by DaskRunner until the second has run, so every bucket was in memory at once.
     """
-    storage.makedirs(storage.join(work.root, "buckets"))
     staged_values.write(work.bucket(bucket.space, bucket.bucket), bucket)
     (candidates,) = svd_candidates(bucket, stats, config.svd_sample)
     return (bucket.space, bucket.bucket), bucket.size, candidates
@@ -349,12 +352,9 @@ class _SearchAndStage(SearchShards):
         scan_input = mine_input(staged_values.read(scan_path))
         for search in super().process((shard, {"input": [scan_input], "rows": joined["rows"]})):
             path = self.work.search(search.scan.shard)
-            asked = storage.join(self.work.root, "requests")
-            storage.makedirs(storage.join(self.work.root, "searches"))
-            storage.makedirs(asked)
             staged_values.write(path, search)
             staged = [
-                (bucket, stage_value(asked, value))
+                (bucket, stage_value(storage.join(self.work.root, "requests"), value))
                 for bucket, value in requests(search, self.starts.get())
             ]
             yield SearchedShard(search.scan.shard, path, staged)

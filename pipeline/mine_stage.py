@@ -237,6 +237,7 @@ def run_mine(
     written_path = storage.join(out, ".mine-shards.json")
     work = mine_phases.MineWork.under(out)
     storage.delete_tree(work.root)  # an interrupted run's
+    work.create()
     results = []
     relations = Relations(OPPOSITE, ASYMMETRIC)
 

@@ -3,9 +3,10 @@ runner.
 
 Why: DaskRunner's GroupByKey is an in-memory dask bag shuffle with no spilling, so every value
 being grouped sits in some worker's memory until its group is consumed. With a fixed number
-of workers, a mining shuffle of text parts or sample rows then held the corpus's texts divided
-by the worker count: the per-worker peak grew with the corpus (679 → 1,058 MiB in the group
-phase from 100k to 300k rows on 2 workers). Here the task that makes a value writes it
+of workers, a mining shuffle of text parts or sample rows then holds the corpus's texts divided
+by the worker count: at a fixed worker count it grows with the corpus. (At 300k
+rows on 2 workers this was not yet the largest part of the group phase's peak: the README's
+scaling page has the per-phase figures.) Here the task that makes a value writes it
 (staged_values: arrays and JSON, no pickle) and sends `(key, path)`; the grouping moves paths
 only, and the step after it reads one group's files. A worker then holds one element's values
 at a time, whatever the corpus. Beam's own runners spill or stream their shuffles (Dataflow's
